@@ -1,0 +1,42 @@
+"""pat_hf: Perspective-Aware Teaching (PAT), OFA-KD and KD for heterogeneous image classifiers, on
+transformers' Trainer with timm students.
+
+Example:
+    >>> from pat_hf import PATDistillationTrainer, PATTrainingArguments
+    >>> args = PATTrainingArguments("out", distill_method="kd")
+    >>> trainer = PATDistillationTrainer(model="resnet18", teacher="org/vit-teacher", args=args,
+    ...                                  train_dataset=train, eval_dataset=val)
+"""
+
+__version__ = "0.1.0"
+
+from .configuration import PATTrainingArguments
+from .data import collate_images, load_fashion_mnist, with_image_transforms
+from .hub import export_student
+from .methods import DistillationMethod, available_methods, get_method, register_method
+from .metrics import build_compute_metrics
+from .modeling import DistillationModel
+from .preprocessing import ImageView
+from .student import create_student
+from .teacher import Teacher, load_teacher
+from .trainer import PATDistillationTrainer
+
+__all__ = [
+    "DistillationMethod",
+    "DistillationModel",
+    "ImageView",
+    "PATDistillationTrainer",
+    "PATTrainingArguments",
+    "Teacher",
+    "__version__",
+    "available_methods",
+    "build_compute_metrics",
+    "collate_images",
+    "create_student",
+    "export_student",
+    "get_method",
+    "load_fashion_mnist",
+    "load_teacher",
+    "register_method",
+    "with_image_transforms",
+]

@@ -1,0 +1,61 @@
+"""Plain supervised training (``none``) and Hinton knowledge distillation (``kd``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses import cross_entropy, kl_div_loss
+from ..student import student_logits
+from ..teacher import Teacher
+from .base import DistillationBatch, DistillationMethod, DistillationOutput, register_method
+
+__all__ = ["KnowledgeDistillation", "NoDistillation"]
+
+
+@register_method
+class NoDistillation(DistillationMethod):
+    """Cross-entropy only: trains teachers and from-scratch baselines with the same tooling."""
+
+    name = "none"
+    requires_teacher = False
+    description = "cross-entropy on the labels, no teacher"
+
+    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
+        if batch.labels is None:
+            raise ValueError("distill_method='none' needs labels in every batch.")
+        logits = student_logits(student, batch.pixel_values)
+        ce = cross_entropy(logits, batch.labels, self.label_smoothing)
+        return DistillationOutput(loss=self.ce_weight * ce, logits=logits, parts={"ce": ce.detach()})
+
+    def evaluate(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
+        return super().evaluate(student, None, batch)
+
+    def settings(self) -> dict:
+        return {"method": self.name, "label_smoothing": self.label_smoothing}
+
+
+@register_method
+class KnowledgeDistillation(DistillationMethod):
+    """Hinton et al. (2015): ``w_ce·CE(z_s, y) + w_kd·KL(p_t || p_s; T)·T²``.
+
+    Works without labels too (then only the KD term is used).
+    """
+
+    name = "kd"
+    default_temperature = 4.0
+    description = "Hinton knowledge distillation on the logits"
+
+    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
+        assert teacher is not None and batch.teacher_pixel_values is not None
+        logits = student_logits(student, batch.pixel_values)
+        with torch.no_grad():
+            teacher_logits = teacher(batch.teacher_pixel_values)
+        kd = kl_div_loss(logits, teacher_logits, self.temperature)
+        loss = self.kd_weight * kd
+        parts = {"kd": kd.detach()}
+        if batch.labels is not None:
+            ce = cross_entropy(logits, batch.labels, self.label_smoothing)
+            loss = loss + self.ce_weight * ce
+            parts["ce"] = ce.detach()
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)

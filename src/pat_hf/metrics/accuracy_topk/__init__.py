@@ -1,0 +1,1 @@
+"""Offline top-k accuracy metric module for `evaluate`."""

@@ -1,0 +1,243 @@
+"""Per-model image views: input size, normalisation and the transforms that produce them.
+
+Teacher and student often expect different resolutions and normalisations. pat_hf gives each the SAME
+augmented image, then resizes and normalises it for each model separately (:func:`build_image_transforms`).
+When a batch carries only the student's view, :func:`convert_view` derives the teacher's on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ImageView", "build_image_transforms", "convert_view"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """How one model wants its images.
+
+    Args:
+        size: (height, width) of the model input.
+        mean: Per-channel mean subtracted after scaling pixels to [0, 1].
+        std: Per-channel standard deviation.
+        interpolation: Resize interpolation ("bilinear", "bicubic" or "nearest").
+        crop_pct: Fraction of the resized image kept by the evaluation centre crop.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_timm(cls, model: torch.nn.Module) -> ImageView:
+        """Reads the view of a timm model from its ``pretrained_cfg`` and its actual input size."""
+        import timm.data
+
+        cfg = timm.data.resolve_model_data_config(model)
+        size = tuple(cfg["input_size"][-2:])
+        # A ViT built with img_size=32 keeps the source checkpoint's 224 in pretrained_cfg; its patch
+        # embedding knows the size it really accepts.
+        patch_embed = getattr(model, "patch_embed", None)
+        img_size = getattr(patch_embed, "img_size", None)
+        if img_size is not None and getattr(patch_embed, "strict_img_size", True):
+            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        return cls(
+            size=(int(size[0]), int(size[1])),
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
+        )
+
+    @classmethod
+    def from_image_processor(cls, processor: Any, config: Any = None) -> ImageView:
+        """Reads the view of a transformers model from its image processor (and config as fallback)."""
+        data_config = getattr(processor, "data_config", None)
+        if isinstance(data_config, dict) and "input_size" in data_config:  # TimmWrapperImageProcessor
+            return cls(
+                size=tuple(int(s) for s in data_config["input_size"][-2:]),
+                mean=tuple(data_config["mean"]),
+                std=tuple(data_config["std"]),
+                interpolation=str(data_config.get("interpolation", "bicubic")),
+                crop_pct=float(data_config.get("crop_pct", 1.0)),
+            )
+        mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
+        std = getattr(processor, "image_std", None) or IMAGENET_STD
+        if not getattr(processor, "do_normalize", True):
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        if isinstance(mean, (int, float)):
+            mean = (float(mean),) * 3
+        if isinstance(std, (int, float)):
+            std = (float(std),) * 3
+        size = None
+        crop = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop:
+            size = _size_from_dict(crop)
+        if size is None:
+            size = _size_from_dict(getattr(processor, "size", None))
+        if size is None and config is not None:
+            size = _size_from_config(config)
+        resample = getattr(processor, "resample", None)
+        interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear") if resample is not None else "bilinear"
+        return cls(size=size or (224, 224), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ImageView:
+        """Fallback view of a transformers model that has no image processor: config size, ImageNet stats."""
+        pretrained_cfg = getattr(config, "pretrained_cfg", None)
+        if isinstance(pretrained_cfg, dict) and "input_size" in pretrained_cfg:  # TimmWrapperConfig
+            return cls(
+                size=tuple(int(s) for s in pretrained_cfg["input_size"][-2:]),
+                mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+                std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+                interpolation=str(pretrained_cfg.get("interpolation", "bicubic")),
+                crop_pct=float(pretrained_cfg.get("crop_pct", 1.0)),
+            )
+        return cls(size=_size_from_config(config) or (224, 224))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description (for manifests and model cards)."""
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
+
+
+def _size_from_dict(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, dict) or hasattr(size, "get"):
+        if size.get("height") and size.get("width"):
+            return (int(size["height"]), int(size["width"]))
+        if size.get("shortest_edge"):
+            return (int(size["shortest_edge"]),) * 2
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (int(size[0]), int(size[1]))
+    return None
+
+
+def _size_from_config(config: Any) -> tuple[int, int] | None:
+    image_size = getattr(config, "image_size", None)
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageView) -> torch.Tensor:
+    """Re-expresses a normalised batch made for ``source`` in ``target``'s size and normalisation.
+
+    Args:
+        pixel_values: (B, 3, H, W) batch normalised for ``source``.
+        source: The view the batch was made for.
+        target: The view wanted.
+
+    Returns:
+        The batch resized (bilinear, on device) and renormalised for ``target``.
+    """
+    if source.size == target.size and source.mean == target.mean and source.std == target.std:
+        return pixel_values
+
+    def stats(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(values, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
+
+    x = pixel_values * stats(source.std) + stats(source.mean)
+    if tuple(x.shape[-2:]) != tuple(target.size):
+        x = F.interpolate(x, size=target.size, mode="bilinear", align_corners=False, antialias=x.shape[-1] > target.size[1])
+    return (x - stats(target.mean)) / stats(target.std)
+
+
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {
+        "nearest": InterpolationMode.NEAREST,
+        "bilinear": InterpolationMode.BILINEAR,
+        "bicubic": InterpolationMode.BICUBIC,
+    }.get(name, InterpolationMode.BILINEAR)
+
+
+def _to_tensor_normalised(view: ImageView) -> Callable:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(view.size, interpolation=_interpolation(view.interpolation), antialias=True),
+            T.ToTensor(),
+            T.Normalize(view.mean, view.std),
+        ]
+    )
+
+
+def build_image_transforms(
+    student_view: ImageView,
+    teacher_view: ImageView | None = None,
+    *,
+    train: bool,
+    min_crop_scale: float = 0.08,
+    hflip: bool = True,
+) -> Callable[[Any], dict[str, torch.Tensor]]:
+    """Builds the per-image transform that feeds both models from one augmented image.
+
+    Training: ``RandomResizedCrop`` (scale ``[min_crop_scale, 1]``) and a horizontal flip at the larger of the
+    two input sizes, then each model's own resize and normalisation. Evaluation: the student's resize and
+    centre crop (``crop_pct``) only, since evaluation runs the student alone.
+
+    Grey-scale, palette and RGBA images are converted to RGB.
+
+    Args:
+        student_view: The student's view.
+        teacher_view: The teacher's view; None for methods without a teacher.
+        train: Whether to build the training (augmenting) transform.
+        min_crop_scale: Lower bound of the random-resized-crop area fraction.
+        hflip: Whether to flip horizontally at random during training.
+
+    Returns:
+        A function mapping one PIL image to ``{"pixel_values": ..., "teacher_pixel_values": ...}``.
+    """
+    from torchvision import transforms as T
+
+    student_tf = _to_tensor_normalised(student_view)
+    teacher_tf = _to_tensor_normalised(teacher_view) if teacher_view is not None else None
+    if train:
+        base = max(student_view.size[0], teacher_view.size[0] if teacher_view else 0), max(
+            student_view.size[1], teacher_view.size[1] if teacher_view else 0
+        )
+        ops: list[Any] = [T.RandomResizedCrop(base, scale=(min_crop_scale, 1.0), antialias=True)]
+        if hflip:
+            ops.append(T.RandomHorizontalFlip())
+        augment = T.Compose(ops)
+    else:
+        resize = tuple(int(round(s / student_view.crop_pct)) for s in student_view.size)
+        augment = T.Compose(
+            [
+                T.Resize(resize, interpolation=_interpolation(student_view.interpolation), antialias=True),
+                T.CenterCrop(student_view.size),
+            ]
+        )
+
+    def transform(image: Any) -> dict[str, torch.Tensor]:
+        image = augment(image.convert("RGB"))
+        out = {"pixel_values": student_tf(image)}
+        if teacher_tf is not None and train:
+            out["teacher_pixel_values"] = teacher_tf(image)
+        return out
+
+    return transform
