@@ -47,8 +47,8 @@ def create_student(
         num_classes: Classifier outputs; a pretrained classifier with another count is re-initialised.
         pretrained: Load pretrained weights. Defaults to True for ``hf-hub:``/``local-dir:`` ids and False for
             bare architecture names (timm's convention; ImageNet weights need the Hub).
-        img_size: Input size for models with a fixed size (ViT, Swin, Mixer); also recorded as the student's
-            input size in its ``pretrained_cfg`` so that the export preprocesses images the same way.
+        img_size: Input size. Passed to models with a fixed size (ViT, Swin, Mixer); for every model also
+            recorded as the input size in its ``pretrained_cfg``, so training and the export preprocess alike.
         pretrained_cfg_overlay: Overrides for the student's ``pretrained_cfg`` (mean, std, crop_pct, ...).
         **kwargs: Further ``timm.create_model`` arguments.
 
@@ -77,14 +77,21 @@ def create_student(
         pretrained = is_hub
     overlay = dict(pretrained_cfg_overlay or {})
     if img_size is not None:
-        kwargs["img_size"] = img_size
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         overlay.setdefault("input_size", (3, *size))
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if img_size is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+    except TypeError as err:
+        # CNNs take any input size and have no img_size argument: the size only goes to pretrained_cfg.
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def student_logits(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -292,14 +292,16 @@ class PATDistillationTrainer(Trainer):
             if a != b:
                 diffs.append(f"{key}: checkpoint {a} vs now {b}")
         if diffs:
-            what = "resume from" if resuming else "write into the output_dir of"
-            raise ValueError(
-                f"Cannot {what} {checkpoint!r}: it belongs to another run.\n  " + "\n  ".join(diffs) + "\n"
-                + (
+            details = "\n  " + "\n  ".join(diffs) + "\n"
+            if resuming:
+                raise ValueError(
+                    f"Cannot resume from {checkpoint!r}: it belongs to another run.{details}"
                     "Resume with the same teacher, method settings and student, or start a new run in another output_dir."
-                    if resuming
-                    else "Choose another output_dir, delete those checkpoints, or pass resume_from_checkpoint to continue that run."
                 )
+            raise ValueError(
+                f"output_dir {self.args.output_dir!r} holds checkpoints of another run "
+                f"({os.path.basename(checkpoint)}).{details}"
+                "Choose another output_dir, delete those checkpoints, or resume that run with resume_from_checkpoint."
             )
         if not resuming:
             logger.warning(

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Distil a transformers image classifier into a timm student with PAT, OFA-KD or KD.
+
+Shaped like transformers' examples/pytorch/image-classification/run_image_classification.py: model, data and
+training arguments through HfArgumentParser (a single .json / .yaml argument is read as a config file),
+`datasets` for the data, Trainer for the loop.
+
+    # the built-in default: Fashion-MNIST, the demo's transformers ResNet teacher, a small timm ViT student
+    accelerate launch examples/run_image_classification_pat.py
+
+    # your own pair and data
+    accelerate launch --multi_gpu --num_processes 8 examples/run_image_classification_pat.py \
+        --teacher_name_or_path facebook/convnext-tiny-224 --student_name deit_tiny_patch16_224 \
+        --dataset_name uoft-cs/cifar100 --label_column_name fine_label --distill_method kd \
+        --output_dir outputs/convnext-deit --do_train --do_eval --push_to_hub
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import transformers
+from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+import pat_hf
+from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
+from pat_hf.data import check_columns, load_fashion_mnist
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DATASET = "fashion_mnist"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.yaml")
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher and student to use."""
+
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher: Hub id or local path of a transformers image classifier (TimmWrapper included). "
+            "Default with the built-in dataset: the demo's Fashion-MNIST ResNet, trained and cached if needed."
+        },
+    )
+    teacher_revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
+    student_name: str = field(
+        default="resnet18",
+        metadata={"help": "timm student: architecture name, hf-hub:ORG/NAME or local-dir:PATH."},
+    )
+    student_pretrained: bool | None = field(
+        default=None,
+        metadata={"help": "Load the student's pretrained weights (default: yes for hf-hub:/local-dir: ids)."},
+    )
+    student_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'Extra timm.create_model arguments as JSON, e.g. \'{"img_size": 32, "depth": 4}\'.'},
+    )
+    student_pretrained_cfg: str | None = field(
+        default=None,
+        metadata={"help": 'Overrides of the student\'s pretrained_cfg as JSON, e.g. \'{"crop_pct": 1.0}\'.'},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code for the teacher."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (defaults to the stored login)."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """What data to train and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset on the Hub or a local `datasets` folder. With no dataset_name and no train_dir, "
+            "the built-in Fashion-MNIST (Debian's dataset-fashion-mnist package) is used."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_dir: str | None = field(default=None, metadata={"help": "An imagefolder with the training images."})
+    validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder with the evaluation images."})
+    train_val_split: float | None = field(
+        default=0.15, metadata={"help": "Fraction of train held out for evaluation when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging, low-data runs)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    min_crop_scale: float = field(default=0.08, metadata={"help": "Lower bound of RandomResizedCrop's area fraction."})
+
+    def __post_init__(self) -> None:
+        if self.train_val_split is not None and not 0 < self.train_val_split < 1:
+            raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, PATTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PATTrainingArguments))
+    if not argv:
+        argv = [DEFAULT_CONFIG]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
+    if data_args.dataset_name is None and data_args.train_dir is None:
+        return datasets.DatasetDict({"train": load_fashion_mnist("train"), "validation": load_fashion_mnist("test")})
+    if data_args.dataset_name is not None:
+        if os.path.isdir(data_args.dataset_name) and os.path.isfile(os.path.join(data_args.dataset_name, "dataset_dict.json")):
+            dataset = datasets.load_from_disk(data_args.dataset_name)
+        else:
+            dataset = datasets.load_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                cache_dir=model_args.cache_dir,
+                token=model_args.token,
+            )
+    else:
+        data_files = {"train": os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    if isinstance(dataset, datasets.Dataset):
+        dataset = datasets.DatasetDict({"train": dataset})
+    if "validation" not in dataset:
+        for name in ("val", "valid", "test"):
+            if name in dataset:
+                dataset["validation"] = dataset[name]
+                break
+    if "validation" not in dataset and data_args.train_val_split:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=0, stratify_by_column=None)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+
+    # Setup logging
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info("pat_hf %s, method %s", pat_hf.__version__, training_args.distill_method)
+
+    # Detecting last checkpoint (transformers' convention: continue a run found in output_dir).
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
+
+    set_seed(training_args.seed)
+
+    # Data
+    builtin = data_args.dataset_name is None and data_args.train_dir is None
+    dataset = load_data(data_args, model_args)
+    for split in dataset:
+        check_columns(dataset[split], data_args.image_column_name, data_args.label_column_name, what=f"'{split}' split")
+    train_ds = dataset["train"] if training_args.do_train else None
+    eval_ds = dataset.get("validation") if training_args.do_eval else None
+    if training_args.do_train and train_ds is None:
+        raise ValueError("--do_train needs a train split.")
+    if training_args.do_eval and eval_ds is None:
+        raise ValueError("--do_eval needs a validation split (or --train_val_split).")
+    if train_ds is not None and data_args.max_train_samples is not None:
+        train_ds = train_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train_ds))))
+    if eval_ds is not None and data_args.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+    label_feature = dataset["train"].features[data_args.label_column_name]
+    class_names = list(getattr(label_feature, "names", None) or [])
+    if not class_names:
+        num = len(set(dataset["train"][data_args.label_column_name]))
+        class_names = [str(i) for i in range(num)]
+
+    # Teacher and student
+    teacher = model_args.teacher_name_or_path
+    teacher_processor = None
+    if training_args.distill_method != "none":
+        if teacher is None:
+            if not builtin:
+                raise ValueError("--teacher_name_or_path is required with your own dataset.")
+            from pat_hf.demo import ensure_teacher
+
+            teacher = ensure_teacher(os.path.join(".cache", "pat_hf"))
+        teacher_processor = AutoImageProcessor.from_pretrained(
+            teacher,
+            revision=model_args.teacher_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+    student = create_student(
+        model_args.student_name,
+        num_classes=len(class_names),
+        pretrained=model_args.student_pretrained,
+        pretrained_cfg_overlay=json.loads(model_args.student_pretrained_cfg) if model_args.student_pretrained_cfg else None,
+        **(json.loads(model_args.student_kwargs) if model_args.student_kwargs else {}),
+    )
+    student_view = ImageView.from_timm(student)
+    teacher_view = ImageView.from_image_processor(teacher_processor) if teacher_processor is not None else None
+
+    # Transforms: the same augmented image, resized and normalised for each model.
+    common = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
+    if train_ds is not None:
+        train_ds = with_image_transforms(train_ds, student_view, teacher_view, train=True, min_crop_scale=data_args.min_crop_scale, **common)
+    if eval_ds is not None:
+        eval_ds = with_image_transforms(eval_ds, student_view, None, train=False, **common)
+
+    # Initialize the trainer
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        class_names=class_names,
+        teacher_image_processor=teacher_processor,
+        teacher_revision=model_args.teacher_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    trainer.dataset_name = BUILTIN_DATASET if builtin else (data_args.dataset_name or "imagefolder")
+    results: dict[str, Any] = {}
+
+    # Training
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+
+    # Evaluation
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+        if training_args.do_train:
+            trainer.save_model()  # refresh the model card with the final metrics
+
+    # Write model card and (optionally) push to Hub
+    kwargs = {"finetuned_from": model_args.teacher_name_or_path, "dataset": trainer.dataset_name}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(model_name=None, dataset=trainer.dataset_name)
+    return results
+
+
+if __name__ == "__main__":
+    main()
