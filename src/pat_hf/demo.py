@@ -30,8 +30,8 @@ FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 TEACHER_RECIPE = {
     "architecture": "ResNetForImageClassification",
-    "embedding_size": 32,
-    "hidden_sizes": [32, 64, 128, 256],
+    "embedding_size": 64,
+    "hidden_sizes": [64, 128, 256, 512],
     "depths": [1, 1, 1, 1],
     "image_size": 28,
     "epochs": 4,
@@ -40,12 +40,9 @@ TEACHER_RECIPE = {
     "seed": 0,
 }
 STUDENT_ARGS = {
-    "name": "vit_tiny_patch16_224",
+    "name": "resnet10t",
     "img_size": 28,
-    "patch_size": 4,
-    "embed_dim": 96,
-    "depth": 4,
-    "num_heads": 3,
+    "channels": (32, 64, 128, 256),
 }
 
 
@@ -56,7 +53,7 @@ class DemoConfig:
     output_dir: str = "outputs/demo"
     cache_dir: str = ".cache/pat_hf"
     train_subset: int = 2000
-    student_epochs: int = 30
+    student_epochs: int = 15
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 0
@@ -106,7 +103,7 @@ def ensure_teacher(cache_dir: str = ".cache/pat_hf", epochs: int | None = None, 
     from .trainer import PATDistillationTrainer
 
     recipe = dict(TEACHER_RECIPE, epochs=epochs or TEACHER_RECIPE["epochs"])
-    tag = "fashion-mnist-resnet-e{epochs}-s{seed}".format(**recipe)
+    tag = "fashion-mnist-resnet{width}-e{epochs}-s{seed}".format(width=recipe["hidden_sizes"][-1], **recipe)
     path = os.path.join(cache_dir, tag)
     if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "recipe.json")):
         return path
@@ -262,7 +259,8 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
         trainer.save_model()
         rows.append(
             {
-                "model": f"student: timm ViT ({len(subset):,} images), " + ("from scratch" if method == "none" else "distilled"),
+                "model": f"student: timm {name} ({len(subset):,} images), "
+                + ("from scratch" if method == "none" else "distilled"),
                 "method": method,
                 "test_accuracy": accuracy,
                 "params": _count_params(student),

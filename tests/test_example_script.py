@@ -1,0 +1,144 @@
+"""examples/run_image_classification_pat.py: CLI flags, YAML configs, imagefolder and saved datasets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import make_image_dataset, tiny_teacher
+from transformers import ViTImageProcessor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "run_image_classification_pat.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_image_classification_pat", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_teacher("vit", id2label={0: "cat", 1: "dog", 2: "bird"}).save_pretrained(path)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    dataset = make_image_dataset(n=30)
+    names = dataset.features["label"].names
+    for split, rows in (("train", range(0, 24)), ("validation", range(24, 30))):
+        for i in rows:
+            example = dataset[i]
+            folder = root / split / names[example["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            example["image"].save(folder / f"{i}.png")
+    return root
+
+
+def common_args(out, teacher_dir):
+    return [
+        "--teacher_name_or_path", teacher_dir,
+        "--student_name", "test_resnet",
+        "--student_kwargs", '{"img_size": 20}',
+        "--output_dir", str(out),
+        "--per_device_train_batch_size", "8",
+        "--num_train_epochs", "1",
+        "--report_to", "none",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--do_train", "--do_eval",
+    ]  # fmt: skip
+
+
+def test_imagefolder_run_exports_a_timm_student(script, teacher_dir, imagefolder, tmp_path):
+    out = tmp_path / "run"
+    results = script.main(
+        common_args(out, teacher_dir)
+        + ["--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation"), "--distill_method", "kd"]
+    )
+    assert "eval_accuracy" in results and "eval_loss_kd" in results
+    config = json.load(open(out / "config.json"))
+    # imagefolder sorts class folders by name; the teacher's classes are matched to them by name
+    assert config["label_names"] == ["bird", "cat", "dog"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.num_classes == 3
+    assert os.path.isfile(out / "eval_results.json") and os.path.isfile(out / "README.md")
+
+
+def test_yaml_config_and_saved_dataset(script, teacher_dir, tmp_path):
+    import datasets
+
+    data_dir = tmp_path / "data"
+    datasets.DatasetDict({"train": make_image_dataset(n=16), "test": make_image_dataset(n=6, seed=1)}).save_to_disk(str(data_dir))
+    out = tmp_path / "yaml-run"
+    config = {
+        "teacher_name_or_path": teacher_dir,
+        "student_name": "test_vit",
+        "student_kwargs": '{"img_size": 16}',
+        "dataset_name": str(data_dir),
+        "max_train_samples": 8,
+        "distill_method": "kd",
+        "temperature": 2.0,
+        "output_dir": str(out),
+        "do_train": True,
+        "do_eval": True,
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    results = script.main([str(path)])
+    assert results["epoch"] == 1.0
+    state = json.load(open(out / "trainer_state.json"))
+    assert state["global_step"] == 2  # 8 samples / batch 4
+    assert "temperature: 2.0" in open(out / "README.md").read()
+
+
+def test_missing_label_column_fails_before_training(script, teacher_dir, imagefolder, tmp_path):
+    args = common_args(tmp_path / "bad", teacher_dir) + ["--train_dir", str(imagefolder / "train"), "--label_column_name", "target"]
+    with pytest.raises(ValueError, match=r"no column 'target'.*--label_column_name"):
+        script.main(args)
+    assert not os.path.exists(tmp_path / "bad" / "model.safetensors")
+
+
+def test_no_arguments_means_the_builtin_default(script):
+    model_args, data_args, training_args = script.parse_args([])
+    assert data_args.dataset_name is None and data_args.train_dir is None  # built-in Fashion-MNIST
+    assert model_args.teacher_name_or_path is None  # the demo teacher
+    assert training_args.distill_method == "kd" and training_args.do_train and training_args.do_eval
+
+
+def test_resume_from_last_checkpoint_is_detected(script, teacher_dir, imagefolder, tmp_path):
+    out = tmp_path / "resume"
+    args = common_args(out, teacher_dir) + [
+        "--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation"),
+        "--save_strategy", "epoch",
+    ]  # fmt: skip
+    script.main(args)
+    assert os.path.isdir(out / "checkpoint-3")
+    # Running again with more epochs continues from checkpoint-3 instead of starting over.
+    script.main([a if a != "1" else "2" for a in args])
+    state = json.load(open(out / "trainer_state.json"))
+    assert state["global_step"] == 6
+    assert torch.load(out / "training_args.bin", weights_only=False).num_train_epochs == 2

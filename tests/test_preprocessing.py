@@ -1,0 +1,86 @@
+"""Image views: both models get the same augmented image, each with its own size and normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_dataset
+from PIL import Image
+from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+from pat_hf import ImageView, collate_images, create_student, with_image_transforms
+from pat_hf.preprocessing import build_image_transforms, convert_view
+
+
+def test_view_from_timm_uses_the_actual_input_size():
+    vit = create_student("test_vit", num_classes=3, img_size=32)
+    view = ImageView.from_timm(vit)
+    assert view.size == (32, 32)
+    assert view.mean == (0.5, 0.5, 0.5)
+    cnn = create_student("test_resnet", num_classes=3, img_size=40, pretrained_cfg_overlay={"crop_pct": 1.0})
+    assert ImageView.from_timm(cnn).size == (40, 40) and ImageView.from_timm(cnn).crop_pct == 1.0
+
+
+def test_view_from_image_processors():
+    vit = ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    view = ImageView.from_image_processor(vit)
+    assert view.size == (48, 48) and view.mean == (0.1, 0.2, 0.3) and view.std == (0.4, 0.5, 0.6)
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 64})
+    assert ImageView.from_image_processor(convnext).size == (64, 64)
+
+
+def test_convert_view_round_trip_and_identity():
+    a = ImageView(size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3)
+    b = ImageView(size=(8, 8), mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1))
+    raw = torch.rand(2, 3, 8, 8)
+    x_a = (raw - 0.5) / 0.25
+    x_b = convert_view(x_a, a, b)
+    expected = (raw - torch.tensor(b.mean).view(1, 3, 1, 1)) / torch.tensor(b.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x_b, expected)
+    torch.testing.assert_close(convert_view(x_b, b, a), x_a)
+    assert convert_view(x_a, a, a) is x_a
+    c = ImageView(size=(4, 4), mean=a.mean, std=a.std)
+    assert convert_view(x_a, a, c).shape == (2, 3, 4, 4)
+
+
+def test_both_views_come_from_the_same_augmented_image():
+    student = ImageView(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+    teacher = ImageView(size=(16, 16), mean=(0.2,) * 3, std=(0.1,) * 3)
+    transform = build_image_transforms(student, teacher, train=True, min_crop_scale=0.1)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = transform(image)
+        # Undo each normalisation: the same pixels (same crop, same flip).
+        raw_s = out["pixel_values"] * 0.5 + 0.5
+        raw_t = out["teacher_pixel_values"] * 0.1 + 0.2
+        torch.testing.assert_close(raw_s, raw_t, atol=1e-5, rtol=0)
+
+
+def test_views_have_their_own_sizes():
+    student = ImageView(size=(12, 12))
+    teacher = ImageView(size=(20, 20))
+    transform = build_image_transforms(student, teacher, train=True)
+    out = transform(Image.new("RGB", (30, 30)))
+    assert out["pixel_values"].shape == (3, 12, 12)
+    assert out["teacher_pixel_values"].shape == (3, 20, 20)
+    evaluation = build_image_transforms(student, teacher, train=False)(Image.new("RGB", (30, 30)))
+    assert set(evaluation) == {"pixel_values"}  # evaluation runs the student alone
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grey_rgba_and_palette_images_become_rgb(mode):
+    image = Image.new(mode, (10, 10))
+    out = build_image_transforms(ImageView(size=(8, 8)), None, train=False)(image)
+    assert out["pixel_values"].shape == (3, 8, 8)
+
+
+def test_dataset_transforms_and_collation():
+    dataset = make_image_dataset(n=6)
+    train = with_image_transforms(dataset, ImageView(size=(8, 8)), ImageView(size=(12, 12)), train=True)
+    batch = collate_images([train[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    assert batch["teacher_pixel_values"].shape == (4, 3, 12, 12)
+    assert batch["labels"].tolist() == [0, 1, 2, 0]
+    assert dataset.column_names == ["image", "label"]  # the original is untouched
