@@ -48,12 +48,12 @@ test: install data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests examples $(wildcard benchmarks)
 
 format: install
-	$(VENV)/bin/ruff check --fix src tests examples benchmarks
-	$(VENV)/bin/ruff format src tests examples benchmarks
+	$(VENV)/bin/ruff check --fix src tests examples $(wildcard benchmarks)
+	$(VENV)/bin/ruff format src tests examples $(wildcard benchmarks)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

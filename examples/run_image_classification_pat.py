@@ -65,7 +65,7 @@ class ModelArguments:
     )
     student_pretrained_cfg: str | None = field(
         default=None,
-        metadata={"help": 'Overrides of the student\'s pretrained_cfg as JSON, e.g. \'{"crop_pct": 1.0}\'.'},
+        metadata={"help": "Overrides of the student's pretrained_cfg as JSON, e.g. '{\"crop_pct\": 1.0}'."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code for the teacher."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
@@ -89,7 +89,9 @@ class DataTrainingArguments:
     train_val_split: float | None = field(
         default=0.15, metadata={"help": "Fraction of train held out for evaluation when there is no validation split."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging, low-data runs)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the training set (debugging, low-data runs)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
@@ -117,7 +119,9 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> d
     if data_args.dataset_name is None and data_args.train_dir is None:
         return datasets.DatasetDict({"train": load_fashion_mnist("train"), "validation": load_fashion_mnist("test")})
     if data_args.dataset_name is not None:
-        if os.path.isdir(data_args.dataset_name) and os.path.isfile(os.path.join(data_args.dataset_name, "dataset_dict.json")):
+        if os.path.isdir(data_args.dataset_name) and os.path.isfile(
+            os.path.join(data_args.dataset_name, "dataset_dict.json")
+        ):
             dataset = datasets.load_from_disk(data_args.dataset_name)
         else:
             dataset = datasets.load_dataset(
@@ -161,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Detecting last checkpoint (transformers' convention: continue a run found in output_dir).
     last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
+    if (
+        os.path.isdir(training_args.output_dir)
+        and training_args.do_train
+        and training_args.resume_from_checkpoint is None
+    ):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None:
             logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
@@ -180,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if training_args.do_eval and eval_ds is None:
         raise ValueError("--do_eval needs a validation split (or --train_val_split).")
     if train_ds is not None and data_args.max_train_samples is not None:
-        train_ds = train_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(train_ds))))
+        train_ds = train_ds.shuffle(seed=training_args.seed).select(
+            range(min(data_args.max_train_samples, len(train_ds)))
+        )
     if eval_ds is not None and data_args.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
     label_feature = dataset["train"].features[data_args.label_column_name]
@@ -210,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_args.student_name,
         num_classes=len(class_names),
         pretrained=model_args.student_pretrained,
-        pretrained_cfg_overlay=json.loads(model_args.student_pretrained_cfg) if model_args.student_pretrained_cfg else None,
+        pretrained_cfg_overlay=json.loads(model_args.student_pretrained_cfg)
+        if model_args.student_pretrained_cfg
+        else None,
         **(json.loads(model_args.student_kwargs) if model_args.student_kwargs else {}),
     )
     student_view = ImageView.from_timm(student)
@@ -219,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Transforms: the same augmented image, resized and normalised for each model.
     common = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
     if train_ds is not None:
-        train_ds = with_image_transforms(train_ds, student_view, teacher_view, train=True, min_crop_scale=data_args.min_crop_scale, **common)
+        train_ds = with_image_transforms(
+            train_ds, student_view, teacher_view, train=True, min_crop_scale=data_args.min_crop_scale, **common
+        )
     if eval_ds is not None:
         eval_ds = with_image_transforms(eval_ds, student_view, None, train=False, **common)
 

@@ -18,7 +18,9 @@ from pat_hf import PATTrainingArguments
 CLASS_NAMES = ["cat", "dog", "bird"]
 
 
-def make_image_dataset(n: int = 24, size: int = 20, mode: str = "RGB", seed: int = 0, names=CLASS_NAMES) -> datasets.Dataset:
+def make_image_dataset(
+    n: int = 24, size: int = 20, mode: str = "RGB", seed: int = 0, names=CLASS_NAMES
+) -> datasets.Dataset:
     """Random images whose mean brightness depends on the label, so a model can learn something."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
@@ -42,22 +44,51 @@ def tiny_teacher(family: str, num_labels: int = 3, id2label: dict | None = None)
         label_kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     torch.manual_seed(0)
     if family == "vit":
-        cfg = tf.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **label_kwargs)
+        cfg = tf.ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **label_kwargs,
+        )
         return tf.ViTForImageClassification(cfg)
     if family == "deit":
-        cfg = tf.DeiTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **label_kwargs)
+        cfg = tf.DeiTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **label_kwargs,
+        )
         return tf.DeiTForImageClassification(cfg)
     if family == "beit":
-        cfg = tf.BeitConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, use_mean_pooling=True, **label_kwargs)
+        cfg = tf.BeitConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            use_mean_pooling=True,
+            **label_kwargs,
+        )
         return tf.BeitForImageClassification(cfg)
     if family == "swin":
-        cfg = tf.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2, **label_kwargs)
+        cfg = tf.SwinConfig(
+            image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2, **label_kwargs
+        )
         return tf.SwinForImageClassification(cfg)
     if family == "convnext":
         cfg = tf.ConvNextConfig(image_size=32, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], **label_kwargs)
         return tf.ConvNextForImageClassification(cfg)
     if family == "resnet":
-        cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", **label_kwargs)
+        cfg = tf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", **label_kwargs
+        )
         return tf.ResNetForImageClassification(cfg)
     if family == "timm_wrapper":
         cfg = tf.TimmWrapperConfig(architecture="test_resnet", **label_kwargs)

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import make_image_dataset, tiny_args, tiny_teacher
 from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTModel
 
+from conftest import make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
 
 
@@ -48,16 +48,35 @@ def test_student_path_without_prefix_is_explained():
 
 def test_student_name_in_trainer_is_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match="Unknown timm student"):
-        PATDistillationTrainer(model="not_a_model", teacher=tiny_teacher("vit"), args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+        PATDistillationTrainer(
+            model="not_a_model",
+            teacher=tiny_teacher("vit"),
+            args=tiny_args(tmp_path),
+            train_dataset=make_image_dataset(),
+        )
 
 
 def test_teacher_that_is_not_an_image_classifier(tmp_path):
-    backbone = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="teacher must be a transformers image classifier"):
-        PATDistillationTrainer(model="test_resnet", teacher=backbone, args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+    backbone = ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
     with pytest.raises(ValueError, match="teacher must be a transformers image classifier"):
         PATDistillationTrainer(
-            model="test_resnet", teacher=torch.nn.Linear(3, 3), args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+            model="test_resnet", teacher=backbone, args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+        )
+    with pytest.raises(ValueError, match="teacher must be a transformers image classifier"):
+        PATDistillationTrainer(
+            model="test_resnet",
+            teacher=torch.nn.Linear(3, 3),
+            args=tiny_args(tmp_path),
+            train_dataset=make_image_dataset(),
         )
 
 
@@ -68,25 +87,36 @@ def test_missing_teacher_for_kd(tmp_path):
 
 def test_class_count_mismatch_without_names(tmp_path):
     with pytest.raises(ValueError, match="teacher predicts 5 classes but the dataset has 3"):
-        PATDistillationTrainer(model="test_resnet", teacher=tiny_teacher("vit", num_labels=5), args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+        PATDistillationTrainer(
+            model="test_resnet",
+            teacher=tiny_teacher("vit", num_labels=5),
+            args=tiny_args(tmp_path),
+            train_dataset=make_image_dataset(),
+        )
 
 
 def test_class_names_that_do_not_match(tmp_path):
     teacher = tiny_teacher("vit", id2label={0: "cat", 1: "dog", 2: "horse"})
     with pytest.raises(ValueError, match=r"does not know 1 of the dataset's 3 classes: 'bird'"):
-        PATDistillationTrainer(model="test_resnet", teacher=teacher, args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+        PATDistillationTrainer(
+            model="test_resnet", teacher=teacher, args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+        )
 
 
 def test_teacher_with_more_classes_is_matched_by_name(tmp_path):
     teacher = tiny_teacher("vit", num_labels=5, id2label={0: "horse", 1: "Bird", 2: "fish", 3: "dog", 4: "CAT"})
-    trainer = PATDistillationTrainer(model="test_resnet", teacher=teacher, args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+    trainer = PATDistillationTrainer(
+        model="test_resnet", teacher=teacher, args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+    )
     assert trainer.teacher.class_index.tolist() == [4, 3, 1]
 
 
 def test_student_with_wrong_number_of_classes(tmp_path):
     student = create_student("test_resnet", num_classes=10)
     with pytest.raises(ValueError, match="student has 10 outputs but the dataset has 3 classes"):
-        PATDistillationTrainer(model=student, teacher=tiny_teacher("vit"), args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+        PATDistillationTrainer(
+            model=student, teacher=tiny_teacher("vit"), args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+        )
 
 
 def test_plain_training_arguments_are_refused(tmp_path):
@@ -108,7 +138,9 @@ def test_student_built_with_unrecorded_arguments_is_caught(tmp_path):
     student = create_student("test_resnet", num_classes=3)
     student.fc = torch.nn.Linear(student.num_features, 3, bias=False)  # hand surgery timm cannot reproduce
     with pytest.raises(ValueError, match="export would not load back"):
-        PATDistillationTrainer(model=student, teacher=tiny_teacher("vit"), args=tiny_args(tmp_path), train_dataset=make_image_dataset())
+        PATDistillationTrainer(
+            model=student, teacher=tiny_teacher("vit"), args=tiny_args(tmp_path), train_dataset=make_image_dataset()
+        )
 
 
 class StopAfter(TrainerCallback):

@@ -11,8 +11,9 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import make_image_dataset, tiny_teacher
 from transformers import ViTImageProcessor
+
+from conftest import make_image_dataset, tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "run_image_classification_pat.py")
@@ -72,7 +73,14 @@ def test_imagefolder_run_exports_a_timm_student(script, teacher_dir, imagefolder
     out = tmp_path / "run"
     results = script.main(
         common_args(out, teacher_dir)
-        + ["--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation"), "--distill_method", "kd"]
+        + [
+            "--train_dir",
+            str(imagefolder / "train"),
+            "--validation_dir",
+            str(imagefolder / "validation"),
+            "--distill_method",
+            "kd",
+        ]
     )
     assert "eval_accuracy" in results and "eval_loss_kd" in results
     config = json.load(open(out / "config.json"))
@@ -87,7 +95,9 @@ def test_yaml_config_and_saved_dataset(script, teacher_dir, tmp_path):
     import datasets
 
     data_dir = tmp_path / "data"
-    datasets.DatasetDict({"train": make_image_dataset(n=16), "test": make_image_dataset(n=6, seed=1)}).save_to_disk(str(data_dir))
+    datasets.DatasetDict({"train": make_image_dataset(n=16), "test": make_image_dataset(n=6, seed=1)}).save_to_disk(
+        str(data_dir)
+    )
     out = tmp_path / "yaml-run"
     config = {
         "teacher_name_or_path": teacher_dir,
@@ -116,7 +126,12 @@ def test_yaml_config_and_saved_dataset(script, teacher_dir, tmp_path):
 
 
 def test_missing_label_column_fails_before_training(script, teacher_dir, imagefolder, tmp_path):
-    args = common_args(tmp_path / "bad", teacher_dir) + ["--train_dir", str(imagefolder / "train"), "--label_column_name", "target"]
+    args = common_args(tmp_path / "bad", teacher_dir) + [
+        "--train_dir",
+        str(imagefolder / "train"),
+        "--label_column_name",
+        "target",
+    ]
     with pytest.raises(ValueError, match=r"no column 'target'.*--label_column_name"):
         script.main(args)
     assert not os.path.exists(tmp_path / "bad" / "model.safetensors")

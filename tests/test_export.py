@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import CLASS_NAMES, make_image_dataset, tiny_args, tiny_teacher
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import CLASS_NAMES, make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 
 
@@ -21,7 +21,10 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("export")
     dataset = make_image_dataset()
     student = create_student(
-        "test_vit", num_classes=3, img_size=16, pretrained_cfg_overlay={"crop_pct": 1.0, "mean": (0.4,) * 3, "std": (0.3,) * 3}
+        "test_vit",
+        num_classes=3,
+        img_size=16,
+        pretrained_cfg_overlay={"crop_pct": 1.0, "mean": (0.4,) * 3, "std": (0.3,) * 3},
     )
     teacher = tiny_teacher("convnext")
     view = ImageView.from_timm(student)
@@ -111,7 +114,14 @@ def test_checkpoint_holds_student_and_manifest(tmp_path):
     trainer.train()
     ckpt = os.path.join(trainer.args.output_dir, "checkpoint-2")
     files = set(os.listdir(ckpt))
-    assert {"model.safetensors", "config.json", "distill_manifest.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "distill_manifest.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    } <= files
     assert any(f.startswith("rng_state") for f in files)
     manifest = json.load(open(os.path.join(ckpt, "distill_manifest.json")))
     assert manifest["method"]["method"] == "kd" and manifest["method"]["temperature"] == 4.0

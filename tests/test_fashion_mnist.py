@@ -10,13 +10,22 @@ import timm
 import torch
 from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, load_fashion_mnist, with_image_transforms
+from pat_hf import (
+    ImageView,
+    PATDistillationTrainer,
+    PATTrainingArguments,
+    create_student,
+    load_fashion_mnist,
+    with_image_transforms,
+)
 from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 from pat_hf.demo import balanced_subset
 
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
 # CI installs the package: there a missing file is a failure, not a skip.
-pytestmark = pytest.mark.skipif(not HAVE_DATA and not os.environ.get("CI"), reason="apt-get install dataset-fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not HAVE_DATA and not os.environ.get("CI"), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 def test_load_fashion_mnist_reads_the_idx_files():
@@ -51,7 +60,9 @@ def test_teacher_then_kd_student_on_real_images(tmp_path):
                      downsample_in_first_stage=False, num_labels=10, id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
                      label2id={n: i for i, n in enumerate(FASHION_MNIST_CLASSES)})
     )  # fmt: skip
-    common = dict(report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", per_device_eval_batch_size=100, seed=0)
+    common = dict(
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", per_device_eval_batch_size=100, seed=0
+    )
     teacher_trainer = PATDistillationTrainer(
         model=teacher,
         args=PATTrainingArguments(str(tmp_path / "teacher"), distill_method="none", num_train_epochs=3,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_dataset
 from PIL import Image
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 
+from conftest import make_image_dataset
 from pat_hf import ImageView, collate_images, create_student, with_image_transforms
 from pat_hf.preprocessing import build_image_transforms, convert_view
 

@@ -58,7 +58,7 @@ def _read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08:  # unsigned byte data
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x}).")
@@ -95,9 +95,7 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> Any:
     prefix = "train" if split == "train" else "t10k"
     images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)}
-    )
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
     if images_path and labels_path:
         images = _read_idx(images_path)
         labels = _read_idx(labels_path).astype(np.int64)
@@ -109,7 +107,7 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> Any:
         return datasets.Dataset.from_dict({"image": pil, "label": labels.tolist()}, features=features)
     try:
         ds = datasets.load_dataset(FASHION_MNIST_HUB_ID, split=split)
-    except Exception as err:  # noqa: BLE001 - any Hub failure gets the same advice
+    except Exception as err:
         raise FileNotFoundError(
             f"Fashion-MNIST not found in {root} and the Hub copy {FASHION_MNIST_HUB_ID!r} is unreachable ({err}). "
             "Install Debian's package: `apt-get install dataset-fashion-mnist` (or set PAT_HF_FASHION_MNIST_DIR)."
@@ -157,7 +155,9 @@ def with_image_transforms(
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
     check_columns(dataset, image_column, label_column)
-    transform = build_image_transforms(student_view, teacher_view, train=train, min_crop_scale=min_crop_scale, hflip=hflip)
+    transform = build_image_transforms(
+        student_view, teacher_view, train=train, min_crop_scale=min_crop_scale, hflip=hflip
+    )
 
     def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"pixel_values": []}

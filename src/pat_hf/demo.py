@@ -30,8 +30,8 @@ FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 TEACHER_RECIPE = {
     "architecture": "ResNetForImageClassification",
-    "embedding_size": 64,
-    "hidden_sizes": [64, 128, 256, 512],
+    "embedding_size": 32,
+    "hidden_sizes": [32, 64, 128, 256],
     "depths": [1, 1, 1, 1],
     "image_size": 28,
     "epochs": 4,
@@ -42,7 +42,8 @@ TEACHER_RECIPE = {
 STUDENT_ARGS = {
     "name": "resnet10t",
     "img_size": 28,
-    "channels": (32, 64, 128, 256),
+    "stem_width": 16,
+    "channels": (16, 32, 64, 128),
 }
 
 
@@ -53,7 +54,7 @@ class DemoConfig:
     output_dir: str = "outputs/demo"
     cache_dir: str = ".cache/pat_hf"
     train_subset: int = 2000
-    student_epochs: int = 15
+    student_epochs: int = 60
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 0

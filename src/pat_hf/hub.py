@@ -116,7 +116,9 @@ def render_model_card(info: ModelCardInfo) -> str:
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {info.model_name}", ""]
     if method == "none":
-        lines.append(f"A `{info.student_architecture}` image classifier trained with [pat_hf](https://pypi.org/project/pat-hf/) (cross-entropy, no teacher).")
+        lines.append(
+            f"A `{info.student_architecture}` image classifier trained with [pat_hf](https://pypi.org/project/pat-hf/) (cross-entropy, no teacher)."
+        )
     else:
         lines.append(
             f"A `{info.student_architecture}` student distilled from the teacher `{teacher_name}` "

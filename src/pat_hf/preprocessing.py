@@ -89,7 +89,11 @@ class ImageView:
         if size is None and config is not None:
             size = _size_from_config(config)
         resample = getattr(processor, "resample", None)
-        interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear") if resample is not None else "bilinear"
+        interpolation = (
+            {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
+            if resample is not None
+            else "bilinear"
+        )
         return cls(size=size or (224, 224), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
 
     @classmethod
@@ -160,7 +164,9 @@ def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageVie
 
     x = pixel_values * stats(source.std) + stats(source.mean)
     if tuple(x.shape[-2:]) != tuple(target.size):
-        x = F.interpolate(x, size=target.size, mode="bilinear", align_corners=False, antialias=x.shape[-1] > target.size[1])
+        x = F.interpolate(
+            x, size=target.size, mode="bilinear", align_corners=False, antialias=x.shape[-1] > target.size[1]
+        )
     return (x - stats(target.mean)) / stats(target.std)
 
 
@@ -217,15 +223,16 @@ def build_image_transforms(
     student_tf = _to_tensor_normalised(student_view)
     teacher_tf = _to_tensor_normalised(teacher_view) if teacher_view is not None else None
     if train:
-        base = max(student_view.size[0], teacher_view.size[0] if teacher_view else 0), max(
-            student_view.size[1], teacher_view.size[1] if teacher_view else 0
+        base = (
+            max(student_view.size[0], teacher_view.size[0] if teacher_view else 0),
+            max(student_view.size[1], teacher_view.size[1] if teacher_view else 0),
         )
         ops: list[Any] = [T.RandomResizedCrop(base, scale=(min_crop_scale, 1.0), antialias=True)]
         if hflip:
             ops.append(T.RandomHorizontalFlip())
         augment = T.Compose(ops)
     else:
-        resize = tuple(int(round(s / student_view.crop_pct)) for s in student_view.size)
+        resize = tuple(round(s / student_view.crop_pct) for s in student_view.size)
         augment = T.Compose(
             [
                 T.Resize(resize, interpolation=_interpolation(student_view.interpolation), antialias=True),

@@ -115,7 +115,9 @@ def student_view(student: nn.Module, processing_class: Any = None) -> ImageView:
     """The student's input view: timm's ``pretrained_cfg``, or a transformers model's image processor."""
     if is_timm_model(student):
         return ImageView.from_timm(student)
-    if processing_class is not None and (hasattr(processing_class, "image_mean") or hasattr(processing_class, "data_config")):
+    if processing_class is not None and (
+        hasattr(processing_class, "image_mean") or hasattr(processing_class, "data_config")
+    ):
         return ImageView.from_image_processor(processing_class, getattr(student, "config", None))
     config = getattr(student, "config", None)
     if config is not None:

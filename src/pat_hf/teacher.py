@@ -126,9 +126,11 @@ def model_label_names(model: nn.Module) -> list[str] | None:
     id2label = getattr(config, "id2label", None)
     if not id2label:
         return None
-    names = [str(id2label[i]) for i in sorted(int(k) for k in id2label)] if isinstance(next(iter(id2label)), int) else [
-        str(id2label[k]) for k in sorted(id2label, key=int)
-    ]
+    names = (
+        [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
+        if isinstance(next(iter(id2label)), int)
+        else [str(id2label[k]) for k in sorted(id2label, key=int)]
+    )
     if all(re.fullmatch(r"LABEL_\d+", n) for n in names):
         return None
     return names
@@ -179,7 +181,9 @@ def match_classes(
         index = [lookup[_normalise(n)] for n in dataset_names]
         if index == list(range(teacher_count)):
             return None
-        logger.info("Teacher classes matched to the dataset's by name (reordered/selected %d of %d).", len(index), teacher_count)
+        logger.info(
+            "Teacher classes matched to the dataset's by name (reordered/selected %d of %d).", len(index), teacher_count
+        )
         return torch.tensor(index, dtype=torch.long)
     if dataset_count is not None and dataset_count != teacher_count:
         raise ValueError(

@@ -115,7 +115,9 @@ class PATDistillationTrainer(Trainer):
         self.teacher: Teacher | None = None
         if method_cls.requires_teacher:
             if teacher is None:
-                raise ValueError(f"distill_method={args.distill_method!r} needs teacher=; use 'none' to train without one.")
+                raise ValueError(
+                    f"distill_method={args.distill_method!r} needs teacher=; use 'none' to train without one."
+                )
             self.teacher = load_teacher(
                 teacher,
                 image_processor=teacher_image_processor,
@@ -240,12 +242,20 @@ class PATDistillationTrainer(Trainer):
 
     # ---- train / resume ----------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None, **kwargs: Any):
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Any = None,
+        **kwargs: Any,
+    ):
         """Trains; refuses an output_dir holding another run's checkpoints (see :meth:`manifest`)."""
         if resume_from_checkpoint is True:
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if last is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no checkpoint-N folder.")
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no checkpoint-N folder."
+                )
             self._check_manifest(last)
         elif isinstance(resume_from_checkpoint, str):
             self._check_manifest(resume_from_checkpoint)
@@ -254,7 +264,12 @@ class PATDistillationTrainer(Trainer):
                 path = os.path.join(self.args.output_dir, name)
                 if name.startswith(PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
                     self._check_manifest(path, resuming=False)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def manifest(self) -> dict[str, Any]:
         """What defines this run; stored in every checkpoint and compared on resume."""
@@ -265,7 +280,9 @@ class PATDistillationTrainer(Trainer):
             "teacher": self.teacher.describe() if self.teacher is not None else None,
             "student": {
                 "class": type(student).__name__,
-                "architecture": student.pretrained_cfg.get("architecture") if is_timm_model(student) else type(student).__name__,
+                "architecture": student.pretrained_cfg.get("architecture")
+                if is_timm_model(student)
+                else type(student).__name__,
                 "num_classes": student_num_classes(student),
             },
             "class_names": self.class_names,
@@ -416,8 +433,8 @@ def load_student_weights(student: nn.Module, directory: str) -> None:
         tied = set(getattr(student, "_tied_weights_keys", None) or [])
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
-            raise ValueError(f"Weights in {directory!r} do not fit the student: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}.")
+            raise ValueError(
+                f"Weights in {directory!r} do not fit the student: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}."
+            )
     else:
         student.load_state_dict(state, strict=True)
-
-
