@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTModel
 
 from conftest import make_image_dataset, tiny_args, tiny_teacher
-from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
+from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 
 
 def test_unknown_method(tmp_path):
