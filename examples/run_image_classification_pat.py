@@ -143,7 +143,7 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> d
                 dataset["validation"] = dataset[name]
                 break
     if "validation" not in dataset and data_args.train_val_split:
-        split = dataset["train"].train_test_split(data_args.train_val_split, seed=0, stratify_by_column=None)
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=0)
         dataset["train"], dataset["validation"] = split["train"], split["test"]
     return dataset
 
@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         teacher_image_processor=teacher_processor,
         teacher_revision=model_args.teacher_revision,
         trust_remote_code=model_args.trust_remote_code,
+        dataset_name=BUILTIN_DATASET if builtin else (data_args.dataset_name or "imagefolder"),
     )
-    trainer.dataset_name = BUILTIN_DATASET if builtin else (data_args.dataset_name or "imagefolder")
     results: dict[str, Any] = {}
 
     # Training
@@ -268,15 +268,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-        if training_args.do_train:
-            trainer.save_model()  # refresh the model card with the final metrics
 
-    # Write model card and (optionally) push to Hub
-    kwargs = {"finetuned_from": model_args.teacher_name_or_path, "dataset": trainer.dataset_name}
+    # Write model card (with the final metrics) and (optionally) push to Hub
     if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
-    else:
-        trainer.create_model_card(model_name=None, dataset=trainer.dataset_name)
+        trainer.push_to_hub(dataset=trainer.dataset_name)
+    elif training_args.do_train:
+        trainer.create_model_card(dataset=trainer.dataset_name)
     return results
 
 

@@ -251,8 +251,8 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
                 subset, view, teacher_view if method != "none" else None, train=True, min_crop_scale=0.6
             ),
             teacher_image_processor=teacher_processor if method != "none" else None,
+            dataset_name="fashion_mnist",
         )
-        trainer.dataset_name = "fashion_mnist"
         start = time.time()
         trainer.train()
         elapsed = time.time() - start

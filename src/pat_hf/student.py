@@ -145,8 +145,12 @@ def check_timm_rebuildable(student: nn.Module, model_args: dict[str, Any] | None
     arch = student.pretrained_cfg.get("architecture")
     if not arch:
         raise ValueError("The timm student has no pretrained_cfg['architecture']; create it with timm.create_model.")
-    with torch.device("meta"):
-        reference = timm.create_model(arch, pretrained=False, **args)
+    try:
+        with torch.device("meta"):
+            reference = timm.create_model(arch, pretrained=False, **args)
+    except Exception as err:  # a model that cannot be built on the meta device is checked at export instead
+        logger.warning("Could not check that the export of %r rebuilds the same model (%s).", arch, err)
+        return
     ours = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     if ours != theirs:

@@ -68,6 +68,7 @@ class PATDistillationTrainer(Trainer):
         trust_remote_code: Allow custom modelling code for a teacher given by id.
         student_model_args: ``timm.create_model`` arguments the student was built with, for old timm versions
             that do not record them (the export must rebuild the same architecture).
+        dataset_name: Name of the training data for the model card (a Hub id is linked as metadata).
         **kwargs: Passed to ``transformers.Trainer`` (callbacks, optimizers, ...).
 
     Example:
@@ -94,6 +95,7 @@ class PATDistillationTrainer(Trainer):
         teacher_revision: str | None = None,
         trust_remote_code: bool = False,
         student_model_args: dict[str, Any] | None = None,
+        dataset_name: str | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -157,6 +159,7 @@ class PATDistillationTrainer(Trainer):
                 f"The student must be a timm model or a transformers image classifier, got {type(model).__name__}."
             )
         self.student_model_args = student_model_args
+        self.dataset_name = dataset_name
         view = student_view(model, processing_class)
 
         method = method_cls(args, model, self.teacher)
@@ -250,6 +253,7 @@ class PATDistillationTrainer(Trainer):
         **kwargs: Any,
     ):
         """Trains; refuses an output_dir holding another run's checkpoints (see :meth:`manifest`)."""
+        self._loss_parts["train"].clear()
         if resume_from_checkpoint is True:
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if last is None:
@@ -402,7 +406,7 @@ class PATDistillationTrainer(Trainer):
             student_architecture=str(arch),
             method_settings=self.method.settings(),
             teacher=self.teacher.describe() if self.teacher is not None else None,
-            dataset=dataset or getattr(self, "dataset_name", None),
+            dataset=dataset or self.dataset_name,
             metrics=metrics,
             class_names=self.class_names,
             hyperparameters=hyper,
