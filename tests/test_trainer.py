@@ -275,3 +275,16 @@ def test_loss_parts_reach_trainer_state_and_tensorboard(tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"train/loss_ce", "train/loss_kd", "eval/loss_kd", "eval/accuracy"} <= tags
+
+
+def test_bf16_reaches_the_teacher_forward(tmp_path):
+    """Mixed precision covers the teacher too: it runs inside the prepared wrapper's autocast."""
+    teacher = tiny_teacher("vit")
+    student = create_student("test_resnet", num_classes=3, img_size=20)
+    dtypes = set()
+    teacher.classifier.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+    trainer = build(tmp_path, teacher, student, "kd", bf16=True, max_steps=2)
+    result = trainer.train()
+    assert dtypes == {torch.bfloat16}
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # weights untouched, compute in bf16

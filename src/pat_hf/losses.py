@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy", "kl_div_loss"]
+__all__ = ["cross_entropy", "hcl_loss", "kl_div_loss", "ofa_loss"]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -45,3 +45,67 @@ def kl_div_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def ofa_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    epsilon: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """OFA-KD's loss (Hao et al., NeurIPS 2023), batch mean of ``-Σ_c [(p_t,c + m_c)^ε − m_c] · log p_s,c``.
+
+    ``p_t`` are the teacher's probabilities, ``m`` the one-hot target (zero without labels), ε ≥ 1 sharpens
+    the target class's share. With ε = 1 it is cross-entropy against the teacher's soft labels.
+
+    Args:
+        student_logits: (B, K) logits of the student (or of a branch head).
+        teacher_logits: (B, K) teacher logits (no gradient is taken through them).
+        labels: (B,) class indices, or None.
+        epsilon: The exponent ε.
+        temperature: Softmax temperature applied to both sides.
+
+    Returns:
+        A scalar tensor.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if labels is None:
+        target = p_t if epsilon == 1 else p_t.pow(epsilon)
+    else:
+        mask = F.one_hot(labels, num_classes=p_t.shape[-1]).to(p_t.dtype)
+        target = p_t + mask if epsilon == 1 else (p_t + mask).pow(epsilon)
+        target = target - mask
+    return -(target * log_p_s).sum(dim=-1).mean()
+
+
+def hcl_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss between two (B, C, H, W) maps.
+
+    ``[MSE(a, f) + 0.5·MSE(pool4) + 0.25·MSE(pool2) + 0.125·MSE(pool1)] / 1.875`` where ``poolk`` is adaptive
+    average pooling to k×k. A level with ``k >= H`` is skipped and, as in ReviewKD, the halving weights and
+    their sum count only the levels used (a 4×4 map: ``[MSE + 0.5·pool2 + 0.25·pool1] / 1.75``). Mean; raw
+    features, no normalisation (as published). Gradients flow into both arguments.
+
+    Args:
+        student_feature: (B, C, H, W) aligned student feature.
+        teacher_feature: (B, C, H, W) teacher feature of the same shape.
+    """
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(
+            f"HCL needs equal shapes, got {tuple(student_feature.shape)} and {tuple(teacher_feature.shape)}"
+        )
+    a, f = student_feature.float(), teacher_feature.float()
+    loss = F.mse_loss(a, f)
+    total_weight = 1.0
+    weight = 1.0
+    height = a.shape[-2]
+    for k in (4, 2, 1):
+        if k >= height:
+            continue
+        # As in ReviewKD: the weight halves per level actually used, so small maps keep 0.5 for their first.
+        weight /= 2
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(a, k), F.adaptive_avg_pool2d(f, k))
+        total_weight += weight
+    return loss / total_weight
