@@ -45,6 +45,46 @@ class PATTrainingArguments(TrainingArguments):
             "as eval_loss_kd). Metrics always come from the student alone."
         },
     )
+    # ---- OFA-KD (distill_method="ofa") ----
+    ofa_epsilon: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={
+            "help": "OFA exponent ε (>= 1): one value per distilled stage plus one for the final logits, or a "
+            "single value for all (1.0 on CIFAR, 1.5 on ImageNet in the OFA paper)."
+        },
+    )
+    ofa_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight (>= 0) of the branch-head OFA terms (0.1 for CNN students on CIFAR in the paper)."},
+    )
+    ofa_stages: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4],
+        metadata={"help": "Student stages (1-4) that get an OFA branch head."},
+    )
+    # ---- PAT (distill_method="pat") ----
+    pat_prompt_stages: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4],
+        metadata={"help": "Teacher stages (1-4) whose inputs get an adaptive feedback prompt; empty for none."},
+    )
+    pat_num_queries: int = field(
+        default=64, metadata={"help": "Region tokens of the region-aware attention (Nq; Nq/4 per stage, a square)."}
+    )
+    pat_dim: int = field(default=512, metadata={"help": "Width D of the region-aware attention."})
+    pat_num_heads: int = field(default=8, metadata={"help": "Heads of the region-aware attention (divides D)."})
+    pat_feature_weight: float = field(default=1.0, metadata={"help": "Weight (>= 0) of the HCL feature loss."})
+    pat_reg_weight: float = field(
+        default=1.0, metadata={"help": "Weight (>= 0) of the KL regulariser between prompted and plain teacher."}
+    )
+    pat_feedback: bool = field(
+        default=True, metadata={"help": "Feed the previous step's student-teacher feature gap to the prompts."}
+    )
+    pat_spatial_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Use the spatial prompt variant (u * SE-gate). Default off: the published prompt is the SE "
+            "gate alone, a per-channel offset (see docs/methods.md)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: image datasets create pixel_values on the fly with set_transform."},
@@ -61,10 +101,32 @@ class PATTrainingArguments(TrainingArguments):
             )
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (it divides the logits), got {self.temperature}.")
-        for name in ("ce_weight", "kd_weight"):
+        for name in ("ce_weight", "kd_weight", "ofa_weight", "pat_feature_weight", "pat_reg_weight"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0 (0 switches the term off), got {value}.")
+        self.ofa_epsilon = [float(e) for e in self.ofa_epsilon]
+        if not self.ofa_epsilon or any(not e >= 1 for e in self.ofa_epsilon):
+            raise ValueError(f"ofa_epsilon values must be >= 1, got {self.ofa_epsilon}.")
+        for name in ("ofa_stages", "pat_prompt_stages"):
+            stages = [int(s) for s in getattr(self, name)]
+            if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
+                raise ValueError(f"{name} must be distinct stage numbers among 1, 2, 3, 4; got {stages}.")
+            setattr(self, name, sorted(stages))
+        if len(self.ofa_epsilon) not in (1, len(self.ofa_stages) + 1):
+            raise ValueError(
+                f"ofa_epsilon needs 1 value or {len(self.ofa_stages) + 1} (one per stage in ofa_stages plus one for "
+                f"the final logits), got {len(self.ofa_epsilon)}."
+            )
+        side = round(max(self.pat_num_queries, 0) / 4) ** 0.5
+        if self.pat_num_queries < 4 or self.pat_num_queries % 4 or side != int(side):
+            raise ValueError(
+                f"pat_num_queries must be 4 x a square number (16 regions per stage for 64), got {self.pat_num_queries}."
+            )
+        if self.pat_dim <= 0 or self.pat_num_heads <= 0 or self.pat_dim % self.pat_num_heads:
+            raise ValueError(
+                f"pat_dim ({self.pat_dim}) must be a positive multiple of pat_num_heads ({self.pat_num_heads})."
+            )
         if self.label_smoothing is None and self.label_smoothing_factor:
             self.label_smoothing = self.label_smoothing_factor
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
