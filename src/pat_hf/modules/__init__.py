@@ -1,0 +1,1 @@
+"""Trainable heads of the distillation methods (PAT's prompts, region-aware attention and aligners)."""

@@ -1,0 +1,162 @@
+"""PAT's adaptive feedback prompts (AFP), computed in closed form.
+
+The prompt block of the paper (and its official code) is
+
+    fusion = Conv1x1(2C->C) -> Conv5x5(C->C) -> Conv1x1 -> SE -> Conv1x1      on cat(x, feedback)
+    prompt = Conv1x1(groups 4) -> depthwise Conv5x5 -> Conv1x1 -> SE -> Conv1x1(groups 4)   on fusion (or x)
+    output = x + beta * prompt,  beta initialised to 0
+
+where SE returns only its gate ``sigmoid(W2 relu(W1 avgpool(u)))`` of shape (B, C, 1, 1). Everything before
+the SE's average pool is affine, so the spatial mean that the SE sees depends on the input only through 25
+border-restricted spatial sums (one per 5x5 tap): the region of the input that tap reads. Those sums cost
+O(B·C·H·W); the 1x1 and 5x5 convolutions then run on a (B, C, 5, 5) summary instead of the full map, which
+turns O(B·C²·H·W·25) into O(B·C·H·W + B·C²·25). The modules and parameters are exactly those of the plain
+convolutional block (a reference lives in the tests), so checkpoints and parameter counts are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AdaptiveFeedbackPrompt", "SqueezeExciteGate", "region_sums"]
+
+KERNEL = 5
+PAD = KERNEL // 2
+
+
+class SqueezeExciteGate(nn.Module):
+    """Squeeze-and-excitation that returns its gate ``sigmoid(W2 relu(W1 avgpool(u)))``, shape (B, C, 1, 1)."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.gate_from_mean(u.mean(dim=(2, 3), keepdim=True))
+
+    def gate_from_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The gate given the spatial mean (B, C, 1, 1) directly (the closed form computes that mean)."""
+        return torch.sigmoid(self.expand(F.relu(self.reduce(mean))))
+
+
+def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of ``x`` over the region each tap of a 5x5, padding-2 convolution reads.
+
+    For kernel index (i, j) the convolution reads input rows ``[max(0, i-2), H + min(0, i-2))`` and the
+    matching columns; the sum of the input over that rectangle is all a spatial mean of the output needs.
+
+    Args:
+        x: (B, C, H, W).
+
+    Returns:
+        ``(sums, counts)``: sums (B, C, 5, 5) and the number of input positions per tap (5, 5), both in x's
+        dtype. Taps that read nothing (|offset| >= size) have sum and count 0.
+    """
+    height, width = x.shape[-2:]
+    col_sums = x.sum(dim=2)  # (B, C, W): one pass over the map; everything below is O(B·C·(H+W))
+    row_sums = x.sum(dim=3)  # (B, C, H)
+
+    def restricted(total: torch.Tensor, lines: torch.Tensor, offset: int) -> torch.Tensor:
+        # Remove the first `offset` lines (offset > 0) or the last `-offset` lines (offset < 0); slices clamp,
+        # so an offset beyond the size leaves nothing.
+        if offset > 0:
+            return total - lines[..., :offset].sum(-1)
+        if offset < 0:
+            return total - lines[..., offset:].sum(-1)
+        return total
+
+    total = col_sums.sum(-1)  # (B, C)
+    rows = []
+    for i in range(KERNEL):
+        di = i - PAD
+        # Column profile of the rows this tap row reads: all rows minus the excluded top/bottom rows.
+        if di > 0:
+            profile = col_sums - x[:, :, :di, :].sum(2)
+        elif di < 0:
+            profile = col_sums - x[:, :, di:, :].sum(2)
+        else:
+            profile = col_sums
+        row_total = restricted(total, row_sums, di)
+        rows.append(torch.stack([restricted(row_total, profile, j - PAD) for j in range(KERNEL)], dim=-1))
+    sums = torch.stack(rows, dim=-2)  # (B, C, 5, 5)
+    offsets = torch.arange(KERNEL, device=x.device) - PAD
+    count_h = (height - offsets.abs()).clamp(min=0)
+    count_w = (width - offsets.abs()).clamp(min=0)
+    counts = (count_h[:, None] * count_w[None, :]).to(x.dtype)
+    return sums, counts
+
+
+def _affine_mean(x: torch.Tensor, pointwise: nn.Conv2d, spatial: nn.Conv2d, after: nn.Conv2d) -> torch.Tensor:
+    """Spatial mean of ``after(spatial(pointwise(x)))`` without running the 5x5 conv over the map.
+
+    ``pointwise`` is 1x1 (any groups), ``spatial`` 5x5 with padding 2 (any groups), ``after`` 1x1.
+    """
+    height, width = x.shape[-2:]
+    sums, counts = region_sums(x)
+    # Region sums of pointwise(x): the 1x1 conv maps sums linearly, its bias counts once per position.
+    v = F.conv2d(sums, pointwise.weight, None, groups=pointwise.groups)
+    if pointwise.bias is not None:
+        v = v + pointwise.bias.view(1, -1, 1, 1) * counts
+    # A 'valid' 5x5 conv over the (5, 5) summary = the sum of the padded conv's output over all positions.
+    mean = F.conv2d(v, spatial.weight, None, groups=spatial.groups) / (height * width)
+    if spatial.bias is not None:
+        mean = mean + spatial.bias.view(1, -1, 1, 1)
+    return after(mean)
+
+
+class AdaptiveFeedbackPrompt(nn.Module):
+    """One adaptive feedback prompt at the input of a teacher stage.
+
+    Args:
+        channels: C of the stage input map.
+        feedback_channels: Channels of the feedback map as handed to the block (equal to ``channels``; the
+            feedback aligner runs before). None disables the fusion branch (prompts without feedback).
+        reduction: SE reduction ratio.
+        spatial: Use ``u * gate`` instead of the gate alone in the prompt branch's SE (a spatial prompt; not
+            the published behaviour, and computed with the plain convolutions).
+    """
+
+    def __init__(self, channels: int, feedback: bool = True, reduction: int = 16, spatial: bool = False) -> None:
+        super().__init__()
+        if channels % 4:
+            raise ValueError(f"prompt blocks use groups of 4: stage input channels ({channels}) must divide by 4")
+        c = channels
+        self.spatial = spatial
+        if feedback:
+            self.fuse_in = nn.Conv2d(2 * c, c, 1)
+            self.fuse_spatial = nn.Conv2d(c, c, KERNEL, padding=PAD)
+            self.fuse_mix = nn.Conv2d(c, c, 1)
+            self.fuse_se = SqueezeExciteGate(c, reduction)
+            self.fuse_out = nn.Conv2d(c, c, 1)
+        self.prompt_in = nn.Conv2d(c, c, 1, groups=4)
+        self.prompt_spatial = nn.Conv2d(c, c, KERNEL, padding=PAD, groups=c)
+        self.prompt_mix = nn.Conv2d(c, c, 1)
+        self.prompt_se = SqueezeExciteGate(c, reduction)
+        self.prompt_out = nn.Conv2d(c, c, 1, groups=4)
+        # beta = 0: at initialisation the prompted teacher equals the plain teacher exactly.
+        self.beta = nn.Parameter(torch.zeros(()))
+
+    @property
+    def has_feedback_branch(self) -> bool:
+        return hasattr(self, "fuse_in")
+
+    def prompt(self, x: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt (B, C, 1, 1) (or (B, C, H, W) for the spatial variant) for input x and feedback."""
+        source = x
+        if feedback is not None and self.has_feedback_branch:
+            fused = torch.cat([x, feedback], dim=1)
+            gate = self.fuse_se.gate_from_mean(_affine_mean(fused, self.fuse_in, self.fuse_spatial, self.fuse_mix))
+            source = self.fuse_out(gate)  # (B, C, 1, 1): the SE gate is spatially constant
+        if self.spatial:
+            u = self.prompt_mix(self.prompt_spatial(self.prompt_in(source)))
+            return self.prompt_out(u * self.prompt_se(u))
+        gate = self.prompt_se.gate_from_mean(_affine_mean(source, self.prompt_in, self.prompt_spatial, self.prompt_mix))
+        return self.prompt_out(gate)
+
+    def forward(self, x: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
+        """``x + beta * prompt(x, feedback)``; x is (B, C, H, W), feedback (B, C, H, W) or None."""
+        return x + self.beta.to(x.dtype) * self.prompt(x, feedback).to(x.dtype)
