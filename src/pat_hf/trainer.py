@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DISTILL_STATE_NAME = "distill_state.safetensors"
 MANIFEST_NAME = "distill_manifest.json"
+EXTRA_STATE_PREFIX = "__extra__."
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
@@ -336,13 +337,15 @@ class PATDistillationTrainer(Trainer):
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_student_weights(wrapper.student, resume_from_checkpoint)
         state_path = os.path.join(resume_from_checkpoint, DISTILL_STATE_NAME)
-        expected = wrapper.method.state_dict()
-        if expected:
-            if not os.path.isfile(state_path):
-                raise ValueError(f"{resume_from_checkpoint!r} lacks {DISTILL_STATE_NAME} with the method's state.")
+        if wrapper.method.state_dict() and not os.path.isfile(state_path):
+            raise ValueError(f"{resume_from_checkpoint!r} lacks {DISTILL_STATE_NAME} with the method's state.")
+        if os.path.isfile(state_path):
             from safetensors.torch import load_file
 
-            wrapper.method.load_state_dict(load_file(state_path), strict=True)
+            saved = load_file(state_path, device=str(self.args.device))
+            extra = {k[len(EXTRA_STATE_PREFIX) :]: v for k, v in saved.items() if k.startswith(EXTRA_STATE_PREFIX)}
+            wrapper.method.load_state_dict({k: v for k, v in saved.items() if not k.startswith(EXTRA_STATE_PREFIX)})
+            wrapper.method.load_extra_state_tensors(extra)
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
@@ -372,10 +375,11 @@ class PATDistillationTrainer(Trainer):
             image_processor=self.processing_class if is_transformers_model(wrapper.student) else None,
         )
         if is_checkpoint:
-            if method_sd:
+            extra = {EXTRA_STATE_PREFIX + k: v for k, v in wrapper.method.extra_state_tensors().items()}
+            if method_sd or extra:
                 from safetensors.torch import save_file
 
-                tensors = {k: v.detach().cpu().contiguous().clone() for k, v in method_sd.items()}
+                tensors = {k: v.detach().cpu().contiguous().clone() for k, v in {**method_sd, **extra}.items()}
                 save_file(tensors, os.path.join(output_dir, DISTILL_STATE_NAME), metadata={"format": "pt"})
             with open(os.path.join(output_dir, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(self.manifest(), f, indent=2)

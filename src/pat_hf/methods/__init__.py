@@ -1,6 +1,6 @@
 """Distillation methods and their registry.
 
-``none`` and ``kd`` live in :mod:`.kd`. A new method subclasses :class:`DistillationMethod` and registers
+``none`` and ``kd`` live in :mod:`.kd`, ``ofa`` in :mod:`.ofa`, ``pat`` in :mod:`.pat`. A new method subclasses :class:`DistillationMethod` and registers
 itself with :func:`register_method`; the trainer finds it by ``PATTrainingArguments.distill_method``.
 """
 
@@ -13,6 +13,8 @@ from .base import (
     register_method,
 )
 from .kd import KnowledgeDistillation, NoDistillation
+from .ofa import OFADistillation
+from .pat import PerspectiveAwareTeaching
 
 __all__ = [
     "DistillationBatch",
@@ -20,6 +22,8 @@ __all__ = [
     "DistillationOutput",
     "KnowledgeDistillation",
     "NoDistillation",
+    "OFADistillation",
+    "PerspectiveAwareTeaching",
     "available_methods",
     "get_method",
     "register_method",

@@ -111,6 +111,16 @@ class DistillationMethod(nn.Module):
             loss = loss + self.kd_weight * parts["kd"]
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
+    def extra_state_tensors(self) -> dict[str, torch.Tensor]:
+        """State that is not a parameter or buffer but must survive a resume (PAT's feedback).
+
+        Kept out of ``state_dict`` on purpose: DDP broadcasts buffers from rank 0, and this state is per process.
+        """
+        return {}
+
+    def load_extra_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores what :meth:`extra_state_tensors` returned."""
+
     def settings(self) -> dict[str, Any]:
         """The settings that define this method's run (manifests, model cards); JSON-serialisable."""
         return {

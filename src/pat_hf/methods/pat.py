@@ -1,0 +1,189 @@
+"""Perspective-Aware Teaching (PAT; Lin et al., ICCV 2025) as a pat_hf distillation method.
+
+Per training step (docs/methods.md has the full description and the deviations from the official code):
+
+1. student forward: logits ``z_s`` and 4 stage features ``F_s``;
+2. plain teacher forward under no_grad: ``z_t0``;
+3. prompted teacher forward (autograd on, teacher weights frozen): adaptive feedback prompts are added to the
+   inputs of the chosen teacher stages through forward pre-hooks; logits ``z_t`` and stage outputs ``F_t``;
+4. region-aware attention over ``F_s`` and per-stage aligners to the teacher's stage shapes: ``A_s``;
+5. ``loss = w_ce·CE(z_s, y) + w_kd·KL(z_s ‖ z_t0; T) + w_fd·Σ_s HCL(A_s, F_t[s]) + w_reg·KL(z_t ‖ z_t0; T)``;
+6. feedback for the next step: ``fb_s = (A_s − F_t[s]).detach()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..losses import cross_entropy, hcl_loss, kl_div_loss
+from ..modules.prompts import AdaptiveFeedbackPrompt
+from ..modules.raa import RegionAwareAttention, StageAligner, as_map
+from ..preprocessing import ImageView
+from ..student import student_logits
+from ..taps import StageSpec, build_taps
+from ..teacher import Teacher
+from .base import DistillationBatch, DistillationMethod, DistillationOutput, register_method
+
+__all__ = ["FeedbackAligner", "PerspectiveAwareTeaching"]
+
+
+class FeedbackAligner(nn.Module):
+    """Brings a feedback map from a stage's output shape to its input shape: nearest resize, BN, 1x1 conv."""
+
+    def __init__(self, source: StageSpec, target: StageSpec) -> None:
+        super().__init__()
+        self.size = (target.height, target.width)
+        self.norm = nn.BatchNorm2d(source.channels)
+        self.proj = nn.Conv2d(source.channels, target.channels, 1)
+
+    def forward(self, feedback: torch.Tensor) -> torch.Tensor:
+        if tuple(feedback.shape[-2:]) != self.size:
+            feedback = nn.functional.interpolate(feedback, size=self.size, mode="nearest")
+        return self.proj(self.norm(feedback))
+
+
+def _init_student_side(module: nn.Module) -> None:
+    # The paper's initialisation of the added student-side modules (the prompts keep PyTorch's defaults).
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _map_spec(spec: StageSpec) -> StageSpec:
+    return StageSpec("map", spec.channels, spec.height, spec.width)
+
+
+@register_method
+class PerspectiveAwareTeaching(DistillationMethod):
+    """PAT: prompts in the teacher (with student feedback), region-aware attention and aligners on the student.
+
+    Settings (``PATTrainingArguments``): ``pat_prompt_stages``, ``pat_num_queries`` (64), ``pat_dim`` (512),
+    ``pat_num_heads`` (8), ``pat_feature_weight`` (w_fd, 1), ``pat_reg_weight`` (w_reg, 1), ``pat_feedback``,
+    ``pat_spatial_prompt``, plus ``ce_weight``, ``kd_weight`` (1), ``temperature`` (1) and ``label_smoothing``
+    (0.1).
+    """
+
+    name = "pat"
+    default_temperature = 1.0
+    default_label_smoothing = 0.1
+    description = "Perspective-Aware Teaching: feedback prompts in the teacher, region-aware attention, HCL"
+
+    def __init__(self, args: Any, student: nn.Module, teacher: Teacher | None) -> None:
+        super().__init__(args, student, teacher)
+        if teacher is None:
+            raise ValueError("distill_method='pat' needs a teacher.")
+        self.feature_weight = float(args.pat_feature_weight)
+        self.reg_weight = float(args.pat_reg_weight)
+        self.use_feedback = bool(args.pat_feedback)
+        self.prompt_stages = [int(s) for s in args.pat_prompt_stages]
+        self.num_queries, self.dim, self.num_heads = (
+            int(args.pat_num_queries),
+            int(args.pat_dim),
+            int(args.pat_num_heads),
+        )
+        self.spatial_prompt = bool(args.pat_spatial_prompt)
+
+        # Hooks only: the taps are plain attributes, not submodules (they hold no parameters).
+        student_size = ImageView.from_timm(student).size if hasattr(student, "pretrained_cfg") else None
+        object.__setattr__(self, "student_taps", build_taps(student, image_size=student_size))
+        object.__setattr__(self, "teacher_taps", build_taps(teacher.model, image_size=teacher.view.size))
+        student_specs = self.student_taps.output_specs
+        teacher_out = [_map_spec(s) for s in self.teacher_taps.output_specs]
+        teacher_in = [_map_spec(s) for s in self.teacher_taps.input_specs]
+        self.teacher_output_specs = list(self.teacher_taps.output_specs)
+
+        self.prompts = nn.ModuleDict()
+        self.feedback_aligners = nn.ModuleDict()
+        for stage in self.prompt_stages:
+            source, target = teacher_out[stage - 1], teacher_in[stage - 1]
+            self.prompts[str(stage)] = AdaptiveFeedbackPrompt(
+                target.channels, feedback=self.use_feedback, spatial=self.spatial_prompt
+            )
+            if self.use_feedback and source != target:
+                self.feedback_aligners[str(stage)] = FeedbackAligner(source, target)
+        self.raa = RegionAwareAttention(student_specs, self.num_queries, self.dim, self.num_heads)
+        self.aligners = nn.ModuleList(
+            StageAligner(spec, self.num_queries // 4, self.dim) for spec in self.teacher_output_specs
+        )
+        _init_student_side(self.raa)
+        _init_student_side(self.aligners)
+        # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
+        self.feedback: list[torch.Tensor | None] = [None] * 4
+
+    # ---- the prompt hook ---------------------------------------------------------------------------------
+
+    def _prompt_transform(self, stage: int):
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            feedback = self.feedback[stage - 1] if self.use_feedback else None
+            # A batch of another size (an epoch's last batch) gets no feedback rather than a cropped one.
+            if feedback is not None and feedback.shape[0] != x.shape[0]:
+                feedback = None
+            if feedback is not None:
+                feedback = feedback.to(device=x.device, dtype=x.dtype)
+                if str(stage) in self.feedback_aligners:
+                    feedback = self.feedback_aligners[str(stage)](feedback)
+            return self.prompts[str(stage)](x, feedback)
+
+        return transform
+
+    # ---- one training step -------------------------------------------------------------------------------
+
+    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
+        assert teacher is not None and batch.teacher_pixel_values is not None
+        with self.student_taps.capture() as student_features:
+            logits = student_logits(student, batch.pixel_values)
+        with torch.no_grad():
+            plain_logits = teacher(batch.teacher_pixel_values)
+        self.teacher_taps.set_input_transforms({s - 1: self._prompt_transform(s) for s in self.prompt_stages})
+        try:
+            with self.teacher_taps.capture() as teacher_features:
+                prompted_logits = teacher(batch.teacher_pixel_values)
+        finally:
+            self.teacher_taps.set_input_transforms(None)
+
+        aligned = [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
+        targets = [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
+        feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
+        kd = kl_div_loss(logits, plain_logits, self.temperature)
+        reg = kl_div_loss(prompted_logits, plain_logits, self.temperature)
+        loss = self.kd_weight * kd + self.feature_weight * feature + self.reg_weight * reg
+        parts = {"kd": kd.detach(), "hcl": feature.detach(), "reg": reg.detach()}
+        if batch.labels is not None:
+            ce = cross_entropy(logits, batch.labels, self.label_smoothing)
+            loss = loss + self.ce_weight * ce
+            parts["ce"] = ce.detach()
+        self.feedback = [(a - t).detach() for a, t in zip(aligned, targets)]
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+
+    # ---- state -------------------------------------------------------------------------------------------
+
+    def extra_state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"feedback.{i}": fb for i, fb in enumerate(self.feedback) if fb is not None}
+
+    def load_extra_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.feedback = [tensors.get(f"feedback.{i}") for i in range(4)]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "pat_prompt_stages": self.prompt_stages,
+            "pat_num_queries": self.num_queries,
+            "pat_dim": self.dim,
+            "pat_num_heads": self.num_heads,
+            "pat_feature_weight": self.feature_weight,
+            "pat_reg_weight": self.reg_weight,
+            "pat_feedback": self.use_feedback,
+            "pat_spatial_prompt": self.spatial_prompt,
+        }

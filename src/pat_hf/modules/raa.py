@@ -1,0 +1,128 @@
+"""PAT's region-aware attention (RAA) over the student's stages and the aligners to the teacher's stages."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..taps import StageSpec, tokens_to_map
+
+__all__ = ["RegionAwareAttention", "StageAligner", "as_map", "sinusoidal_positions"]
+
+
+def as_map(feature: torch.Tensor, spec: StageSpec) -> torch.Tensor:
+    """A stage feature as a (B, C, H, W) map (token features: patch grid, prefix tokens dropped)."""
+    if spec.kind == "map":
+        return feature
+    return tokens_to_map(feature, spec.prefix_tokens, spec.height, spec.width)[0]
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """Fixed sine/cosine encoding of token positions 0..length-1, shape (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: table[:, 1::2].shape[1]])
+    return table
+
+
+class RegionAwareAttention(nn.Module):
+    """Region tokens from every student stage, mixed by one multi-head attention.
+
+    Per stage: the map is nearest-upsampled to a side divisible by the region grid, then a patch-embedding
+    conv (kernel = stride = side / grid) turns it into ``grid²`` tokens of width D. The tokens of all stages are
+    concatenated, layer-normed and attended (q from a Linear(D, D), k and v from a Linear(D, 2D), a fixed
+    sinusoidal encoding of each TOKEN position added to q and k; the official code indexed it by batch
+    position). The output is ``softmax(q k^T / sqrt(d)) v`` with no output projection and no residual, split
+    back per stage.
+
+    Args:
+        student_specs: The student's 4 stage specs.
+        num_queries: Total region tokens Nq (Nq / 4 per stage, a square).
+        dim: Width D.
+        num_heads: Attention heads.
+    """
+
+    def __init__(
+        self, student_specs: list[StageSpec], num_queries: int = 64, dim: int = 512, num_heads: int = 8
+    ) -> None:
+        super().__init__()
+        self.specs = list(student_specs)
+        per_stage = num_queries // len(self.specs)
+        self.grid = math.isqrt(per_stage)
+        if self.grid * self.grid != per_stage:
+            raise ValueError(f"num_queries / {len(self.specs)} must be a square, got {per_stage}")
+        self.dim, self.num_heads = dim, num_heads
+        self.kernels = []
+        embeds = []
+        for spec in self.specs:
+            kernel = (math.ceil(spec.height / self.grid), math.ceil(spec.width / self.grid))
+            self.kernels.append(kernel)
+            embeds.append(nn.Conv2d(spec.channels, dim, kernel_size=kernel, stride=kernel))
+        self.embed = nn.ModuleList(embeds)
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.register_buffer("positions", sinusoidal_positions(num_queries, dim), persistent=False)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Maps the 4 student stage features to 4 × (B, grid², D) attended region tokens."""
+        tokens = []
+        for feature, spec, kernel, embed in zip(features, self.specs, self.kernels, self.embed):
+            x = as_map(feature, spec)
+            side = (kernel[0] * self.grid, kernel[1] * self.grid)
+            if tuple(x.shape[-2:]) != side:
+                x = F.interpolate(x, size=side, mode="nearest")
+            tokens.append(embed(x).flatten(2).transpose(1, 2))
+        x = self.norm(torch.cat(tokens, dim=1))
+        batch, length, _ = x.shape
+        pos = self.positions[:length].to(x.dtype)
+        q = self.q(x) + pos
+        k, v = self.kv(x).chunk(2, dim=-1)
+        k = k + pos
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, heads, -1).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        out = out.transpose(1, 2).reshape(batch, length, self.dim)
+        return list(out.split(self.grid * self.grid, dim=1))
+
+
+class StageAligner(nn.Module):
+    """Maps (B, grid², D) region tokens to the teacher's stage output, returned as a (B, C_t, H_t, W_t) map.
+
+    Map teachers: grid² tokens -> (D, grid, grid) -> nearest upsample to (H_t, W_t) -> BatchNorm2d -> 1x1 conv.
+    Token teachers: BatchNorm1d + Linear(D -> C_t) over channels, then BatchNorm1d + Linear(grid² -> H_t·W_t)
+    over tokens (patch tokens only), reshaped to the patch grid.
+    """
+
+    def __init__(self, teacher_spec: StageSpec, num_tokens: int, dim: int = 512) -> None:
+        super().__init__()
+        self.spec = teacher_spec
+        self.grid = math.isqrt(num_tokens)
+        if teacher_spec.kind == "map":
+            self.norm = nn.BatchNorm2d(dim)
+            self.proj = nn.Conv2d(dim, teacher_spec.channels, 1)
+        else:
+            self.norm = nn.BatchNorm1d(dim)
+            self.proj = nn.Linear(dim, teacher_spec.channels)
+            self.token_norm = nn.BatchNorm1d(num_tokens)
+            self.token_proj = nn.Linear(num_tokens, teacher_spec.num_patches)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, _, dim = tokens.shape
+        spec = self.spec
+        if spec.kind == "map":
+            x = tokens.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
+            if (spec.height, spec.width) != (self.grid, self.grid):
+                x = F.interpolate(x, size=(spec.height, spec.width), mode="nearest")
+            return self.proj(self.norm(x))
+        x = self.proj(self.norm(tokens.transpose(1, 2)).transpose(1, 2))  # (B, grid², C_t)
+        x = self.token_proj(self.token_norm(x).transpose(1, 2))  # (B, C_t, H_t·W_t)
+        return x.reshape(batch, spec.channels, spec.height, spec.width)

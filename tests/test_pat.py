@@ -1,0 +1,248 @@
+"""PAT end to end: identity at beta = 0, gradients, feedback state, export, parameter counts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+from transformers import ViTImageProcessor
+
+from conftest import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
+from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from pat_hf.methods.pat import PerspectiveAwareTeaching
+from pat_hf.teacher import load_teacher
+
+SMALL = {"pat_dim": 32, "pat_num_heads": 4}
+
+
+def processor_for(family: str):
+    return ViTImageProcessor(size={"height": 24, "width": 24}) if family in ("resnet", "timm_wrapper") else None
+
+
+def pat_trainer(tmp_path, family="vit", student_name="test_resnet", student_kwargs=None, dataset=None, **overrides):
+    torch.manual_seed(0)
+    student = create_student(student_name, num_classes=3, **(student_kwargs or {"img_size": 20}))
+    teacher = tiny_teacher(family)
+    dataset = dataset if dataset is not None else make_image_dataset()
+    view = ImageView.from_timm(student)
+    args = tiny_args(tmp_path, distill_method="pat", **{**SMALL, **overrides})
+    return PATDistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=with_image_transforms(dataset, view, None, train=True),
+        eval_dataset=with_image_transforms(dataset, view, None, train=False),
+        teacher_image_processor=processor_for(family),
+    )
+
+
+@pytest.mark.parametrize("family", TEACHER_FAMILIES)
+def test_prompted_teacher_equals_plain_teacher_at_beta_zero(tmp_path, family):
+    trainer = pat_trainer(tmp_path, family)
+    method = trainer.method
+    teacher = trainer.teacher
+    x = torch.randn(4, 3, *teacher.view.size)
+    # Feedback present too: beta = 0 must hide it as well.
+    method.feedback = [torch.randn(4, s.channels, s.height, s.width) for s in method.teacher_output_specs]
+    with torch.no_grad(), method.teacher_taps.capture() as plain_features:
+        plain = teacher(x)
+    method.teacher_taps.set_input_transforms({s - 1: method._prompt_transform(s) for s in method.prompt_stages})
+    try:
+        with torch.no_grad(), method.teacher_taps.capture() as prompted_features:
+            prompted = teacher(x)
+    finally:
+        method.teacher_taps.set_input_transforms(None)
+    assert torch.equal(prompted, plain)
+    for a, b in zip(prompted_features, plain_features):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", TEACHER_FAMILIES)
+def test_pat_trains_with_every_teacher_family(tmp_path, family):
+    trainer = pat_trainer(tmp_path, family, num_train_epochs=2)
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.model.state_dict().items()}
+    method_before = {k: v.clone() for k, v in trainer.method.named_parameters()}
+    trainer.train()
+    method = trainer.method
+    # The teacher never moves; every trainable head does (prompts too, once beta left 0).
+    assert all(torch.equal(teacher_before[k], v) for k, v in trainer.teacher.model.state_dict().items())
+    assert not trainer.teacher.model.training
+    unchanged = [k for k, v in method.named_parameters() if torch.equal(method_before[k], v)]
+    # Tiny teachers give SE blocks of 1-2 hidden units whose ReLU can be dead for a whole batch; the
+    # student side and every beta must move, the prompt blocks as a whole too.
+    assert not [k for k in unchanged if not k.startswith(("prompts.", "feedback_aligners."))], unchanged
+    assert all(p.beta.item() != 0 for p in method.prompts.values())
+    assert any(not k.startswith("prompts.") or k.endswith("beta") for k in method_before) and len(unchanged) < len(
+        [k for k in method_before if k.startswith("prompts.")]
+    )
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"loss_ce", "loss_kd", "loss_hcl", "loss_reg"} <= set(h) for h in logs)
+    metrics = trainer.evaluate()
+    assert "eval_accuracy" in metrics and "eval_loss_hcl" not in metrics  # evaluation: the student alone
+
+
+@pytest.mark.parametrize(
+    "student_name,kwargs",
+    [
+        ("test_vit", {"img_size": 16}),
+        ("test_convnext", {"img_size": 32}),
+        ("mobilenetv2_050", {"img_size": 32}),
+        ("mixer_s32_224", {"img_size": 64}),
+    ],
+)
+def test_pat_trains_each_student_family(tmp_path, student_name, kwargs):
+    trainer = pat_trainer(tmp_path, "swin", student_name, kwargs)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.student.state_dict().items() if v.is_floating_point())
+
+
+def test_gradients_reach_student_heads_and_prompts_not_teacher(tmp_path):
+    # zero_init_last=False: timm zero-initialises each block's last BN, which blocks gradients at step 0.
+    trainer = pat_trainer(tmp_path, "convnext", student_kwargs={"img_size": 20, "zero_init_last": False})
+    method = trainer.method
+    with torch.no_grad():
+        for prompt in method.prompts.values():
+            prompt.beta.fill_(0.5)  # so the prompt parameters get gradients on the first step
+            # Tiny teachers give SE blocks of one hidden unit; keep its ReLU alive so connectivity is what we test.
+            prompt.fuse_se.reduce.bias.fill_(5.0)
+            prompt.prompt_se.reduce.bias.fill_(5.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    model = trainer.model.train()
+    method.feedback = [None] * 4
+    model(**batch)["loss"].backward()  # step 1: fills the feedback
+    model.zero_grad()
+    out = model(**batch)  # step 2: the feedback branch takes part
+    out["loss"].backward()
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert not missing, missing
+    assert all(p.grad is None for p in trainer.teacher.model.parameters())
+
+
+def test_feedback_is_detached_per_stage_and_skipped_for_other_batch_sizes(tmp_path):
+    trainer = pat_trainer(tmp_path, "vit", dataset=make_image_dataset(n=20), per_device_train_batch_size=8)
+    method = trainer.method
+    seen = []
+    original = method._prompt_transform
+
+    def spying(stage):
+        inner = original(stage)
+
+        def transform(x):
+            fb = method.feedback[stage - 1]
+            seen.append(fb is not None and fb.shape[0] == x.shape[0])
+            return inner(x)
+
+        return transform
+
+    method._prompt_transform = spying
+    trainer.train()  # batches of 8, 8, 4
+    assert seen == [False] * 4 + [True] * 4 + [False] * 4  # no feedback at first, none for the short batch
+    for fb, spec in zip(method.feedback, method.teacher_output_specs):
+        assert fb.shape == (4, spec.channels, spec.height, spec.width) and not fb.requires_grad
+
+
+def test_feedback_never_reaches_evaluation(tmp_path):
+    trainer = pat_trainer(tmp_path, "vit")
+    trainer.train()
+    first = trainer.predict(trainer.eval_dataset).predictions
+    trainer.method.feedback = [torch.randn_like(f) * 100 for f in trainer.method.feedback]
+    for prompt in trainer.method.prompts.values():
+        prompt.beta.data.fill_(10.0)
+    second = trainer.predict(trainer.eval_dataset).predictions
+    assert (first == second).all()
+
+
+def test_checkpoint_keeps_heads_and_feedback_and_resume_is_exact(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 3
+            return control
+
+    full = pat_trainer(tmp_path / "full", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    full.train()
+    part = pat_trainer(tmp_path / "part", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    part.add_callback(StopAt3())
+    part.train()
+    ckpt = os.path.join(part.args.output_dir, "checkpoint-3")
+    state = load_file(os.path.join(ckpt, "distill_state.safetensors"))
+    assert any(k.startswith("prompts.") for k in state) and any(k.startswith("raa.") for k in state)
+    assert {f"__extra__.feedback.{i}" for i in range(4)} <= set(state)
+    resumed = pat_trainer(tmp_path / "part", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=True)
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, full.model.state_dict()[key], rtol=0, atol=0, msg=key)
+    for a, b in zip(resumed.method.feedback, full.method.feedback):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_holds_no_head_prompt_or_teacher_tensor(tmp_path):
+    trainer = pat_trainer(tmp_path, "convnext")
+    trainer.train()
+    trainer.save_model()
+    exported = load_file(os.path.join(trainer.args.output_dir, "model.safetensors"))
+    assert set(exported) == set(trainer.student.state_dict())
+    assert not any(k.startswith(("prompts", "raa", "aligners", "method", "teacher")) for k in exported)
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, "distill_state.safetensors"))
+
+
+def test_resume_with_other_pat_settings_is_refused(tmp_path):
+    first = pat_trainer(tmp_path, "vit", save_strategy="steps", save_steps=3)
+    first.train()
+    other = pat_trainer(tmp_path, "vit", save_strategy="steps", save_steps=3, pat_prompt_stages=[2, 3])
+    with pytest.raises(ValueError, match=r"(?s)belongs to another run.*pat_prompt_stages"):
+        other.train(resume_from_checkpoint=True)
+
+
+# ---- parameter counts against the official modules (224x224, 100 classes, defaults) -------------------------
+
+
+def extra_parameters(tmp_path, teacher, student) -> float:
+    args = tiny_args(tmp_path, distill_method="pat")
+    method = PerspectiveAwareTeaching(args, student, load_teacher(teacher))
+    return sum(p.numel() for p in method.parameters()) / 1e6
+
+
+def hf_convnext_tiny():
+    return tf.ConvNextForImageClassification(
+        tf.ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], num_labels=100)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pair,expected",
+    [
+        ("convnext_t-deit_t", 14.48),
+        ("swin_t-resnet18", 38.52),
+        ("vit_s-mobilenetv2", 26.41),
+        ("convnext_t-resmlp_s12", 20.77),
+    ],
+)
+def test_parameter_counts_match_the_official_modules(tmp_path, pair, expected):
+    with torch.device("cpu"):
+        if pair == "convnext_t-deit_t":
+            teacher, student = hf_convnext_tiny(), timm.create_model("deit_tiny_patch16_224", num_classes=100)
+        elif pair == "swin_t-resnet18":
+            teacher = tf.SwinForImageClassification(
+                tf.SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], num_labels=100)
+            )
+            student = timm.create_model("resnet18", num_classes=100)
+        elif pair == "vit_s-mobilenetv2":
+            teacher = tf.ViTForImageClassification(
+                tf.ViTConfig(
+                    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, num_labels=100
+                )
+            )
+            student = timm.create_model("mobilenetv2_100", num_classes=100)
+        else:
+            teacher, student = hf_convnext_tiny(), timm.create_model("resmlp_12_224", num_classes=100)
+    assert extra_parameters(tmp_path, teacher, student) == pytest.approx(expected, rel=0.005)
