@@ -50,12 +50,8 @@ def test_prompted_teacher_equals_plain_teacher_at_beta_zero(tmp_path, family):
     method.feedback = [torch.randn(4, s.channels, s.height, s.width) for s in method.teacher_output_specs]
     with torch.no_grad(), method.teacher_taps.capture() as plain_features:
         plain = teacher(x)
-    method.teacher_taps.set_input_transforms({s - 1: method._prompt_transform(s) for s in method.prompt_stages})
-    try:
-        with torch.no_grad(), method.teacher_taps.capture() as prompted_features:
-            prompted = teacher(x)
-    finally:
-        method.teacher_taps.set_input_transforms(None)
+    with torch.no_grad():
+        prompted, prompted_features = method.prompted_teacher_forward(teacher, x, method.feedback)
     assert torch.equal(prompted, plain)
     for a, b in zip(prompted_features, plain_features):
         assert torch.equal(a, b)
@@ -129,23 +125,40 @@ def test_feedback_is_detached_per_stage_and_skipped_for_other_batch_sizes(tmp_pa
     trainer = pat_trainer(tmp_path, "vit", dataset=make_image_dataset(n=20), per_device_train_batch_size=8)
     method = trainer.method
     seen = []
-    original = method._prompt_transform
-
-    def spying(stage):
-        inner = original(stage)
-
-        def transform(x):
-            fb = method.feedback[stage - 1]
-            seen.append(fb is not None and fb.shape[0] == x.shape[0])
-            return inner(x)
-
-        return transform
-
-    method._prompt_transform = spying
+    for prompt in method.prompts.values():
+        prompt.register_forward_pre_hook(lambda mod, args: seen.append(args[1] is not None))
     trainer.train()  # batches of 8, 8, 4
     assert seen == [False] * 4 + [True] * 4 + [False] * 4  # no feedback at first, none for the short batch
     for fb, spec in zip(method.feedback, method.teacher_output_specs):
         assert fb.shape == (4, spec.channels, spec.height, spec.width) and not fb.requires_grad
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_checkpointed_teacher_pass_gives_the_same_loss_and_gradients(tmp_path, family):
+    trainer = pat_trainer(tmp_path, family, student_kwargs={"img_size": 20, "zero_init_last": False})
+    method, model = trainer.method, trainer.model.train()
+    with torch.no_grad():
+        for prompt in method.prompts.values():
+            prompt.beta.fill_(0.5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    model(**batch)  # fills the feedback, so the recomputation must reuse this step's snapshot
+    feedback = list(method.feedback)
+    results = []
+    for use_checkpoint in (True, False):
+        method.checkpoint_teacher = use_checkpoint
+        method.feedback = list(feedback)
+        model.zero_grad()
+        out = model(**batch)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), grads, [f.clone() for f in method.feedback]))
+    (loss_a, grads_a, fb_a), (loss_b, grads_b, fb_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys() and any(k.startswith("method.prompts") for k in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(fb_a, fb_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_feedback_never_reaches_evaluation(tmp_path):
@@ -159,7 +172,8 @@ def test_feedback_never_reaches_evaluation(tmp_path):
     assert (first == second).all()
 
 
-def test_checkpoint_keeps_heads_and_feedback_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("checkpoint_teacher", [False, True])
+def test_checkpoint_keeps_heads_and_feedback_and_resume_is_exact(tmp_path, checkpoint_teacher):
     from transformers import TrainerCallback
 
     class StopAt3(TrainerCallback):
@@ -167,16 +181,37 @@ def test_checkpoint_keeps_heads_and_feedback_and_resume_is_exact(tmp_path):
             control.should_training_stop = state.global_step >= 3
             return control
 
-    full = pat_trainer(tmp_path / "full", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    full = pat_trainer(
+        tmp_path / "full",
+        "swin",
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=3,
+        pat_checkpoint_teacher=checkpoint_teacher,
+    )
     full.train()
-    part = pat_trainer(tmp_path / "part", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    part = pat_trainer(
+        tmp_path / "part",
+        "swin",
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=3,
+        pat_checkpoint_teacher=checkpoint_teacher,
+    )
     part.add_callback(StopAt3())
     part.train()
     ckpt = os.path.join(part.args.output_dir, "checkpoint-3")
     state = load_file(os.path.join(ckpt, "distill_state.safetensors"))
     assert any(k.startswith("prompts.") for k in state) and any(k.startswith("raa.") for k in state)
     assert {f"__extra__.feedback.{i}" for i in range(4)} <= set(state)
-    resumed = pat_trainer(tmp_path / "part", "swin", num_train_epochs=2, save_strategy="steps", save_steps=3)
+    resumed = pat_trainer(
+        tmp_path / "part",
+        "swin",
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=3,
+        pat_checkpoint_teacher=checkpoint_teacher,
+    )
     resumed.train(resume_from_checkpoint=True)
     for key, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, full.model.state_dict()[key], rtol=0, atol=0, msg=key)
@@ -246,3 +281,52 @@ def test_parameter_counts_match_the_official_modules(tmp_path, pair, expected):
         else:
             teacher, student = hf_convnext_tiny(), timm.create_model("resmlp_12_224", num_classes=100)
     assert extra_parameters(tmp_path, teacher, student) == pytest.approx(expected, rel=0.005)
+
+
+STUDENT_FAMILIES = [
+    ("test_resnet", {"img_size": 20}),
+    ("mobilenetv2_050", {"img_size": 32}),
+    ("mobilenetv3_small_050", {"img_size": 32}),
+    ("test_efficientnet", {"img_size": 32}),
+    ("test_convnext", {"img_size": 32}),
+    ("test_vit", {"img_size": 16}),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}),
+    (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 32, "window_size": 2, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)},
+    ),
+    ("mixer_s32_224", {"img_size": 64}),
+    ("resmlp_12_224", {"img_size": 64}),
+]
+
+
+@pytest.mark.parametrize("method", ["pat", "ofa"])
+@pytest.mark.parametrize("family", TEACHER_FAMILIES)
+@pytest.mark.parametrize("student_name,kwargs", STUDENT_FAMILIES, ids=[s for s, _ in STUDENT_FAMILIES])
+def test_every_teacher_family_with_every_student_family(tmp_path, method, family, student_name, kwargs):
+    """One optimizer step for each teacher x student x method: builds, runs forward and backward, stays finite."""
+    torch.manual_seed(0)
+    student = create_student(student_name, num_classes=3, **kwargs)
+    dataset = make_image_dataset(n=4)
+    view = ImageView.from_timm(student)
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=tiny_teacher(family),
+        args=tiny_args(tmp_path, distill_method=method, max_steps=1, per_device_train_batch_size=4, **SMALL),
+        train_dataset=with_image_transforms(dataset, view, None, train=True),
+        teacher_image_processor=processor_for(family),
+    )
+    before = {k: v.clone() for k, v in student.state_dict().items() if v.is_floating_point()}
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items() if k in before)
+
+
+def test_no_weight_decay_on_scalars_norms_biases_and_tokens(tmp_path):
+    trainer = pat_trainer(tmp_path, "vit", "test_vit", {"img_size": 16}, weight_decay=0.05)
+    decayed = set(trainer.get_decay_parameter_names(trainer.model))
+    names = dict(trainer.model.named_parameters())
+    assert not any(n.endswith(".beta") for n in decayed)
+    assert "student.cls_token" not in decayed and "student.pos_embed" not in decayed
+    assert all(names[n].ndim > 1 for n in decayed)
+    assert "method.raa.q.weight" in decayed and "student.patch_embed.proj.weight" in decayed

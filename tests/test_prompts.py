@@ -103,3 +103,22 @@ def test_spatial_variant_varies_over_space():
     block = AdaptiveFeedbackPrompt(8, spatial=True)
     out = block.prompt(torch.randn(2, 8, 6, 6))
     assert out.shape == (2, 8, 6, 6) and out.std(dim=(2, 3)).mean() > 0
+
+
+@pytest.mark.parametrize(
+    "small,size", [((4, 4), (56, 56)), ((4, 4), (8, 12)), ((4, 4), (14, 14)), ((28, 28), (56, 56))]
+)
+def test_projecting_before_nearest_upsampling_is_exact(small, size):
+    from pat_hf.modules.raa import upsample_then_project
+
+    torch.manual_seed(0)
+    norm, proj = nn.BatchNorm2d(16).double(), nn.Conv2d(16, 8, 1).double()
+    x = torch.randn(3, 16, *small, dtype=torch.float64, requires_grad=True)
+    fast = upsample_then_project(x, size, norm, proj)
+    reference = proj(norm(torch.nn.functional.interpolate(x, size=size, mode="nearest")))
+    torch.testing.assert_close(fast, reference)
+    weights = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * weights).sum(), [x, *norm.parameters(), *proj.parameters()])
+    g_ref = torch.autograd.grad((reference * weights).sum(), [x, *norm.parameters(), *proj.parameters()])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b)

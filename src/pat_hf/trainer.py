@@ -203,6 +203,18 @@ class PATDistillationTrainer(Trainer):
         """The distillation method module (with its heads)."""
         return self.accelerator.unwrap_model(self.model).method
 
+    # ---- optimizer -----------------------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """As timm: no weight decay for 1-D parameters (norm weights, biases), scalars such as PAT's beta, and
+        what a timm student lists in ``no_weight_decay()`` (position embeddings, cls tokens)."""
+        names = super().get_decay_parameter_names(model)
+        skip = {name for name, p in model.named_parameters() if p.ndim <= 1}
+        student = getattr(model, "student", None)
+        if student is not None and hasattr(student, "no_weight_decay"):
+            skip |= {f"student.{name}" for name in student.no_weight_decay()}
+        return [name for name in names if name not in skip]
+
     # ---- loss --------------------------------------------------------------------------------------------
 
     def compute_loss(

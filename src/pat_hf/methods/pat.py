@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..losses import cross_entropy, hcl_loss, kl_div_loss
 from ..modules.prompts import AdaptiveFeedbackPrompt
-from ..modules.raa import RegionAwareAttention, StageAligner, as_map
+from ..modules.raa import RegionAwareAttention, StageAligner, as_map, upsample_then_project
 from ..preprocessing import ImageView
 from ..student import student_logits
 from ..taps import StageSpec, build_taps
@@ -40,9 +41,7 @@ class FeedbackAligner(nn.Module):
         self.proj = nn.Conv2d(source.channels, target.channels, 1)
 
     def forward(self, feedback: torch.Tensor) -> torch.Tensor:
-        if tuple(feedback.shape[-2:]) != self.size:
-            feedback = nn.functional.interpolate(feedback, size=self.size, mode="nearest")
-        return self.proj(self.norm(feedback))
+        return upsample_then_project(feedback, self.size, self.norm, self.proj)
 
 
 def _init_student_side(module: nn.Module) -> None:
@@ -94,6 +93,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
             int(args.pat_num_heads),
         )
         self.spatial_prompt = bool(args.pat_spatial_prompt)
+        self.checkpoint_teacher = bool(args.pat_checkpoint_teacher)
 
         # Hooks only: the taps are plain attributes, not submodules (they hold no parameters).
         student_size = ImageView.from_timm(student).size if hasattr(student, "pretrained_cfg") else None
@@ -124,9 +124,9 @@ class PerspectiveAwareTeaching(DistillationMethod):
 
     # ---- the prompt hook ---------------------------------------------------------------------------------
 
-    def _prompt_transform(self, stage: int):
+    def _prompt_transform(self, stage: int, feedback_maps: list[torch.Tensor | None]):
         def transform(x: torch.Tensor) -> torch.Tensor:
-            feedback = self.feedback[stage - 1] if self.use_feedback else None
+            feedback = feedback_maps[stage - 1] if self.use_feedback else None
             # A batch of another size (an epoch's last batch) gets no feedback rather than a cropped one.
             if feedback is not None and feedback.shape[0] != x.shape[0]:
                 feedback = None
@@ -138,20 +138,40 @@ class PerspectiveAwareTeaching(DistillationMethod):
 
         return transform
 
+    def prompted_teacher_forward(
+        self, teacher: Teacher, pixel_values: torch.Tensor, feedback_maps: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher with prompts at its stage inputs: its logits and its 4 stage outputs (autograd kept)."""
+        transforms = {stage - 1: self._prompt_transform(stage, feedback_maps) for stage in self.prompt_stages}
+        self.teacher_taps.set_input_transforms(transforms)
+        try:
+            with self.teacher_taps.capture() as features:
+                logits = teacher(pixel_values)
+        finally:
+            self.teacher_taps.set_input_transforms(None)
+        return logits, list(features)
+
     # ---- one training step -------------------------------------------------------------------------------
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         assert teacher is not None and batch.teacher_pixel_values is not None
-        with self.student_taps.capture() as student_features:
-            logits = student_logits(student, batch.pixel_values)
+        # Both teacher passes run BEFORE the student: the prompts see the previous step's feedback, not this
+        # step's student, so the order is free, and with the prompted pass checkpointed the backward frees the
+        # student's activations before it recomputes the teacher's (peak memory: the larger of the two graphs,
+        # not their sum). The snapshot keeps the recomputation on this step's feedback.
+        feedback_maps = list(self.feedback)
         with torch.no_grad():
             plain_logits = teacher(batch.teacher_pixel_values)
-        self.teacher_taps.set_input_transforms({s - 1: self._prompt_transform(s) for s in self.prompt_stages})
-        try:
-            with self.teacher_taps.capture() as teacher_features:
-                prompted_logits = teacher(batch.teacher_pixel_values)
-        finally:
-            self.teacher_taps.set_input_transforms(None)
+        if self.checkpoint_teacher and torch.is_grad_enabled():
+            prompted_logits, teacher_features = checkpoint(
+                self.prompted_teacher_forward, teacher, batch.teacher_pixel_values, feedback_maps, use_reentrant=False
+            )
+        else:
+            prompted_logits, teacher_features = self.prompted_teacher_forward(
+                teacher, batch.teacher_pixel_values, feedback_maps
+            )
+        with self.student_taps.capture() as student_features:
+            logits = student_logits(student, batch.pixel_values)
 
         aligned = [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
         targets = [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
@@ -187,3 +207,6 @@ class PerspectiveAwareTeaching(DistillationMethod):
             "pat_feedback": self.use_feedback,
             "pat_spatial_prompt": self.spatial_prompt,
         }
+
+    def extra_repr(self) -> str:
+        return f"prompt_stages={self.prompt_stages}, feedback={self.use_feedback}, checkpoint_teacher={self.checkpoint_teacher}"

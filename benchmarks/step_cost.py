@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Training-step cost of student-only, kd, ofa and pat for one teacher/student pair.
+
+Each configuration runs in its own process (so peak memory is its own): a few warm-up steps, then the median
+time of full training steps (forward, backward, AdamW step) on random data and random weights. Prints a
+table with images/s, peak memory, the ratios to `kd`, and PAT's time split.
+
+    python benchmarks/step_cost.py --pair convnext_t-deit_t --image-size 224 --batch 8 --threads 2
+    python benchmarks/step_cost.py --pair swin_t-resnet18 --cuda --bf16          # on a GPU
+
+PAT's split: student = the student-only step; plain teacher pass = kd − student; the prompt blocks, RAA +
+aligners and the losses = their own forward + backward timed on the step's real tensors; the prompted teacher
+pass with its backward = the rest. `pat_checkpoint` recomputes the prompted pass in the backward
+(`--pat_checkpoint_teacher`: less memory, one more teacher forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PAIRS = ("convnext_t-deit_t", "swin_t-resnet18", "vit_s-mobilenetv2", "convnext_t-resmlp_s12")
+CONFIGS = ("none", "kd", "ofa", "pat", "pat_checkpoint")
+
+
+def build_pair(pair: str, num_classes: int = 100):
+    import timm
+    import transformers as tf
+
+    teacher_name, student_name = pair.split("-")
+    if teacher_name == "convnext_t":
+        teacher = tf.ConvNextForImageClassification(
+            tf.ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768], num_labels=num_classes)
+        )
+    elif teacher_name == "swin_t":
+        teacher = tf.SwinForImageClassification(
+            tf.SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], num_labels=num_classes)
+        )
+    elif teacher_name == "vit_s":
+        teacher = tf.ViTForImageClassification(
+            tf.ViTConfig(
+                hidden_size=384,
+                num_hidden_layers=12,
+                num_attention_heads=6,
+                intermediate_size=1536,
+                num_labels=num_classes,
+            )
+        )
+    else:
+        raise ValueError(pair)
+    timm_name = {
+        "deit_t": "deit_tiny_patch16_224",
+        "resnet18": "resnet18",
+        "mobilenetv2": "mobilenetv2_100",
+        "resmlp_s12": "resmlp_12_224",
+    }[student_name]
+    return teacher, timm.create_model(timm_name, num_classes=num_classes)
+
+
+def run_one(
+    config: str, pair: str, image_size: int, batch: int, steps: int, warmup: int, device: str, bf16: bool
+) -> dict:
+    """One configuration in this process; returns its timings and memory."""
+    import torch
+
+    from pat_hf import PATTrainingArguments
+    from pat_hf.losses import hcl_loss
+    from pat_hf.methods import get_method
+    from pat_hf.modeling import DistillationModel
+    from pat_hf.preprocessing import ImageView
+    from pat_hf.teacher import load_teacher
+
+    torch.manual_seed(0)
+    teacher_model, student = build_pair(pair)
+    method_name = "pat" if config.startswith("pat") else config
+    args = PATTrainingArguments(
+        output_dir="/tmp/pat_hf_bench", distill_method=method_name, report_to=[], use_cpu=device == "cpu",
+        pat_checkpoint_teacher=config == "pat_checkpoint",
+    )  # fmt: skip
+    teacher = load_teacher(teacher_model) if method_name != "none" else None
+    view = ImageView(size=(image_size, image_size))
+    method = get_method(method_name)(args, student, teacher)
+    model = DistillationModel(student, method, teacher, view).to(device).train()
+    if teacher is not None:
+        teacher.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            out = model(pixel_values=x, labels=y, teacher_pixel_values=x if teacher is not None else None)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    base_rss = _rss_kib()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    result = {"config": config, "step_s": statistics.median(times), "times": times}
+    if device == "cuda":
+        result["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    else:
+        result["peak_mib"] = (_peak_rss_kib() - base_rss) / 1024
+    if config == "pat":
+        # Component timings on this step's real tensors: RAA + aligners (forward + backward) and the losses.
+        with method.student_taps.capture() as feats:
+            student(x)
+        feats = [f.detach().requires_grad_(True) for f in feats]
+        with torch.no_grad(), method.teacher_taps.capture() as tfeats:
+            teacher(x)
+        from pat_hf.modules.raa import as_map
+
+        targets = [as_map(f, s) for f, s in zip(tfeats, method.teacher_output_specs)]
+
+        def raa_step():
+            aligned = [a(r) for a, r in zip(method.aligners, method.raa(feats))]
+            sum(t.float().mean() for t in aligned).backward()
+            return aligned
+
+        def loss_step(aligned):
+            aligned = [a.detach().requires_grad_(True) for a in aligned]
+            sum(hcl_loss(a, t) for a, t in zip(aligned, targets)).backward()
+
+        aligned = raa_step()
+        result["raa_s"] = _median_time(raa_step, steps, sync)
+        result["loss_s"] = _median_time(lambda: loss_step(aligned), steps, sync)
+
+        # The four prompt blocks (with feedback) on the real stage inputs, forward + backward.
+        stage_inputs = {}
+
+        def keep(stage):
+            def transform(t):
+                stage_inputs[stage] = t.detach()
+                return t
+
+            return transform
+
+        method.teacher_taps.set_input_transforms({i: keep(i) for i in range(4)})
+        with torch.no_grad():
+            teacher(x)
+        method.teacher_taps.set_input_transforms(None)
+
+        def prompt_step():
+            total = 0
+            for stage in method.prompt_stages:
+                inp = stage_inputs[stage - 1].requires_grad_(True)
+                total = total + method._prompt_transform(stage, method.feedback)(inp).sum()
+            total.backward()
+
+        prompt_step()
+        result["prompts_s"] = _median_time(prompt_step, steps, sync)
+    return result
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _rss_kib() -> int:
+    return _status_kib("VmRSS")
+
+
+def _peak_rss_kib() -> int:
+    return _status_kib("VmHWM")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=PAIRS, default="convnext_t-deit_t")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = "cuda" if args.cuda else "cpu"
+
+    if args._child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(
+            json.dumps(
+                run_one(args._child, args.pair, args.image_size, args.batch, args.steps, args.warmup, device, args.bf16)
+            )
+        )
+        return
+
+    results = {}
+    for config in args.configs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", config] + [
+            a for a in sys.argv[1:] if not a.startswith("--_child")
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if out.returncode:
+            sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
+        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[config]
+        print(f"  {config:<15} {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+
+    print(f"\n{args.pair}, {args.image_size}x{args.image_size}, batch {args.batch}, {device}"
+          f"{' bf16' if args.bf16 else ' float32'}, {args.threads} threads, median of {args.steps} steps\n")  # fmt: skip
+    kd = results.get("kd")
+    print("| config | s/step | images/s | peak memory (MiB) | time / kd | memory / kd |")
+    print("|---|---|---|---|---|---|")
+    for config, r in results.items():
+        ratio_t = f"{r['step_s'] / kd['step_s']:.2f}" if kd else "-"
+        ratio_m = f"{r['peak_mib'] / kd['peak_mib']:.2f}" if kd and kd["peak_mib"] > 0 else "-"
+        print(
+            f"| {config} | {r['step_s']:.3f} | {args.batch / r['step_s']:.1f} | {r['peak_mib']:.0f} | {ratio_t} | {ratio_m} |"
+        )
+    if {"none", "kd", "pat"} <= set(results):
+        pat = results["pat"]
+        split = {
+            "student (forward + backward)": results["none"]["step_s"],
+            "plain teacher pass": results["kd"]["step_s"] - results["none"]["step_s"],
+            "prompt blocks (forward + backward)": pat["prompts_s"],
+            "RAA + aligners": pat["raa_s"],
+            "losses (HCL)": pat["loss_s"],
+        }
+        split["prompted teacher pass with backward (rest)"] = pat["step_s"] - sum(split.values())
+        print(f"\nPAT step split ({pat['step_s']:.3f} s):\n")
+        print("| part | s | share |")
+        print("|---|---|---|")
+        for name, value in split.items():
+            print(f"| {name} | {value:.3f} | {100 * value / pat['step_s']:.0f}% |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
