@@ -69,20 +69,17 @@ def common_args(out, teacher_dir):
     ]  # fmt: skip
 
 
-def test_imagefolder_run_exports_a_timm_student(script, teacher_dir, imagefolder, tmp_path):
+@pytest.mark.parametrize("method", ["kd", "ofa", "pat"])
+def test_imagefolder_run_exports_a_timm_student(script, teacher_dir, imagefolder, tmp_path, method):
     out = tmp_path / "run"
-    results = script.main(
-        common_args(out, teacher_dir)
-        + [
-            "--train_dir",
-            str(imagefolder / "train"),
-            "--validation_dir",
-            str(imagefolder / "validation"),
-            "--distill_method",
-            "kd",
-        ]
-    )
+    extra = ["--pat_dim", "32", "--pat_num_heads", "4", "--pat_prompt_stages", "1", "3"] if method == "pat" else []
+    data = ["--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation")]
+    logging = ["--logging_steps", "1"]
+    results = script.main(common_args(out, teacher_dir) + data + logging + ["--distill_method", method, *extra])
     assert "eval_accuracy" in results and "eval_loss_kd" in results
+    history = json.load(open(out / "trainer_state.json"))["log_history"]
+    expected = {"kd": "loss_kd", "ofa": "loss_ofa_s1", "pat": "loss_hcl"}[method]
+    assert any(expected in h for h in history)
     config = json.load(open(out / "config.json"))
     # imagefolder sorts class folders by name; the teacher's classes are matched to them by name
     assert config["label_names"] == ["bird", "cat", "dog"]
