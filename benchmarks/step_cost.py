@@ -110,12 +110,7 @@ def run_one(
     for _ in range(warmup):
         step()
     sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = _times(step, steps, sync)
     result = {"config": config, "step_s": statistics.median(times), "times": times}
     if device == "cuda":
         result["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
@@ -172,14 +167,18 @@ def run_one(
     return result
 
 
-def _median_time(fn, repeats: int, sync) -> float:
+def _times(fn, repeats: int, sync) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    return statistics.median(_times(fn, repeats, sync))
 
 
 def _status_kib(field: str) -> int:

@@ -300,13 +300,10 @@ class OFADistillation(DistillationMethod):
         from ..taps import build_taps
 
         self.stages = [int(s) for s in args.ofa_stages]
+        # PATTrainingArguments already checked the count: one value per stage plus the final logits, or one.
         eps = [float(e) for e in args.ofa_epsilon]
         if len(eps) == 1:
             eps = eps * (len(self.stages) + 1)
-        if len(eps) != len(self.stages) + 1:
-            raise ValueError(
-                f"ofa_epsilon needs 1 value or {len(self.stages) + 1} (one per stage plus the final logits), got {eps}."
-            )
         self.epsilon = eps
         self.ofa_weight = float(args.ofa_weight)
 
