@@ -26,6 +26,7 @@ from typing import Any
 
 import datasets
 import transformers
+import yaml
 from transformers import AutoImageProcessor, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -105,14 +106,29 @@ class DataTrainingArguments:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, PATTrainingArguments]:
+    """Command-line flags, a YAML/JSON config file, or a config file followed by flags that override it."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PATTrainingArguments))
     if not argv:
         argv = [DEFAULT_CONFIG]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    config, overrides = (argv[0], argv[1:]) if argv[0].endswith((".json", ".yaml", ".yml")) else (None, argv)
+    if config is None:
+        return parser.parse_args_into_dataclasses(args=overrides)
+    if not overrides:
+        if config.endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(config))
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(config))
+    with open(config, encoding="utf-8") as f:
+        values = json.load(f) if config.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{config} must hold a mapping of argument names to values, got {type(values).__name__}.")
+    flags: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            flags += [f"--{key}", *(str(v) for v in value)]
+        elif value is not None:
+            flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    # argparse keeps the last occurrence of a flag: the command line wins over the file.
+    return parser.parse_args_into_dataclasses(args=flags + overrides)
 
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:

@@ -154,3 +154,16 @@ def test_resume_from_last_checkpoint_is_detected(script, teacher_dir, imagefolde
     state = json.load(open(out / "trainer_state.json"))
     assert state["global_step"] == 6
     assert torch.load(out / "training_args.bin", weights_only=False).num_train_epochs == 2
+
+
+def test_config_file_then_flags_override_it(script, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"distill_method": "kd", "num_train_epochs": 3, "output_dir": "a", "bf16": False, "report_to": ["none"]}
+        )
+    )
+    _, _, args = script.parse_args([str(config), "--distill_method", "pat", "--output_dir", "b"])
+    assert (args.distill_method, args.num_train_epochs, args.output_dir) == ("pat", 3.0, "b")
+    with pytest.raises(ValueError, match="no_such_flag"):  # an unknown flag is refused, as without a file
+        script.parse_args([str(config), "--no_such_flag", "1"])

@@ -288,3 +288,22 @@ def test_bf16_reaches_the_teacher_forward(tmp_path):
     assert dtypes == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert all(p.dtype == torch.float32 for p in teacher.parameters())  # weights untouched, compute in bf16
+
+
+@pytest.mark.parametrize("how", ["args", "accelerate_launch_env"])
+def test_bf16_pat_runs_both_teacher_passes_in_bf16(tmp_path, monkeypatch, how):
+    """PAT's plain and prompted teacher passes run in bf16, from --bf16 or from `accelerate launch
+    --mixed_precision bf16` (which sets ACCELERATE_MIXED_PRECISION), and every loss part stays finite."""
+    if how == "accelerate_launch_env":
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    teacher = tiny_teacher("vit")
+    student = create_student("test_resnet", num_classes=3, img_size=20)
+    dtypes = []
+    teacher.classifier.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    trainer = build(tmp_path, teacher, student, "pat", bf16=how == "args", max_steps=2, pat_dim=16, pat_num_queries=16)
+    dtypes.clear()  # building PAT probes the teacher's stage shapes once, outside training
+    trainer.train()
+    assert len(dtypes) == 4 and set(dtypes) == {torch.bfloat16}  # 2 steps x (plain + prompted)
+    logged = trainer.state.log_history[0]
+    for part in ("loss_ce", "loss_kd", "loss_hcl", "loss_reg"):
+        assert torch.isfinite(torch.tensor(logged[part])), part

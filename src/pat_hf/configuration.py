@@ -45,6 +45,14 @@ class PATTrainingArguments(TrainingArguments):
             "as eval_loss_kd). Metrics always come from the student alone."
         },
     )
+    stop_on_nonfinite_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training with an error naming the loss component when a training loss is NaN or "
+            "infinite, before that step's update (one device sync per step). Set False to let fp16's loss "
+            "scaling skip such steps instead."
+        },
+    )
     # ---- OFA-KD (distill_method="ofa") ----
     ofa_epsilon: list[float] = field(
         default_factory=lambda: [1.0],

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 
 from .student import is_timm_model, is_transformers_model
 
-__all__ = ["ModelCardInfo", "export_student", "render_model_card"]
+__all__ = ["HubPushError", "ModelCardInfo", "explain_push_error", "export_student", "hub_files", "render_model_card"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -130,7 +131,8 @@ def render_model_card(info: ModelCardInfo) -> str:
     if info.dataset:
         lines.append(f"- Data: `{info.dataset}`")
     if info.teacher:
-        lines.append(f"- Teacher: `{teacher_name}` (weights fingerprint `{info.teacher.get('fingerprint')}`)")
+        revision = f" at revision `{info.teacher['revision']}`" if info.teacher.get("revision") else ""
+        lines.append(f"- Teacher: `{teacher_name}`{revision} (weights fingerprint `{info.teacher.get('fingerprint')}`)")
     lines.append(f"- Method: `{method}`")
     for key, value in info.method_settings.items():
         if key != "method":
@@ -174,12 +176,109 @@ def render_model_card(info: ModelCardInfo) -> str:
         "",
         "```bibtex",
     ]
-    citations = {"pat": PAT_CITATION, "ofa": OFA_CITATION, "kd": KD_CITATION}
-    lines.append(citations.get(method, PAT_CITATION))
-    if method == "pat":
-        lines += ["", OFA_CITATION]
+    # The method's own papers first (PAT builds on OFA-KD's aligners), then PAT, the paper pat_hf implements.
+    citations = {"kd": [KD_CITATION], "ofa": [OFA_CITATION], "pat": [PAT_CITATION, OFA_CITATION]}.get(method, [])
+    if PAT_CITATION not in citations:
+        citations.append(PAT_CITATION)
+    lines.append("\n\n".join(citations))
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+# What a Hub repo's root holds: the export and nothing else (no training_args.bin, logs, results or checkpoints).
+TIMM_HUB_FILES = (CONFIG_NAME, SAFE_WEIGHTS_NAME, "README.md")
+TRANSFORMERS_HUB_FILES = (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "preprocessor_config.json",
+    "README.md",
+)
+
+
+def hub_files(student: nn.Module) -> list[str]:
+    """The files of an export (``upload_folder`` ``allow_patterns``): the student in its library's layout.
+
+    Args:
+        student: The exported student (unwrapped).
+
+    Returns:
+        File names and shard patterns, relative to the export folder.
+    """
+    return list(TIMM_HUB_FILES if is_timm_model(student) else TRANSFORMERS_HUB_FILES)
+
+
+class HubPushError(HfHubHTTPError):
+    """A push the Hub refused (rejected or missing token, no write access, no such repo), saying what to change.
+
+    It keeps the Hub's response, so ``except HfHubHTTPError`` still catches it.
+    """
+
+
+def _token_source(token: str | bool | None) -> str:
+    if isinstance(token, str):
+        return "the token passed as hub_token (--hub_token)"
+    if os.environ.get("HF_TOKEN"):
+        return "the token in the HF_TOKEN environment variable"
+    return "the token saved by `hf auth login`"
+
+
+def explain_push_error(
+    err: HfHubHTTPError, repo_id: str, token: str | bool | None, endpoint: str | None = None
+) -> HfHubHTTPError:
+    """Turns the Hub's 401/403/404 on a push into a :class:`HubPushError` that says what is wrong and how to fix it.
+
+    Args:
+        err: The error ``create_repo`` / ``upload_folder`` raised.
+        repo_id: The repo being pushed to.
+        token: The token given to the push (None: HF_TOKEN or the saved login).
+        endpoint: The Hub's URL (default ``HF_ENDPOINT``).
+
+    Returns:
+        A :class:`HubPushError`, or ``err`` itself for other failures (server errors, network).
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.utils import get_token
+
+    endpoint = endpoint or constants.ENDPOINT
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    fix_token = (
+        f"Create a token with write access at {endpoint}/settings/tokens and pass it as hub_token= "
+        "(--hub_token), set HF_TOKEN, or run `hf auth login`."
+    )
+    has_token = isinstance(token, str) or (token is not False and get_token() is not None)
+    server_message = (getattr(err, "server_message", None) or "").strip().rstrip(".")
+    server = f" The Hub said: {server_message}." if server_message else ""
+    if status == 401 and not has_token:
+        message = f"Cannot push to the Hub repo {repo_id!r}: no Hugging Face token was found (HTTP 401). {fix_token}"
+    elif status == 401 and not isinstance(err, RepositoryNotFoundError):
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: the Hub rejected {_token_source(token)} as invalid or "
+            f"expired (HTTP 401).{server} {fix_token}"
+        )
+    elif status == 403:
+        namespace, _, name = repo_id.rpartition("/")
+        try:
+            user = HfApi(endpoint=endpoint).whoami(token=token if isinstance(token, str) else None)["name"]
+        except Exception:  # only improves the hint; the push already failed for the reason given above
+            user = None
+        mine = f" (e.g. hub_model_id='{user}/{name}')" if user else ""
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: {_token_source(token)} may not write there (HTTP 403)."
+            f"{server} Push to your own namespace{mine} or to an organization where you have write access, or "
+            f"use a token with write permission on {namespace or repo_id!r} (a fine-grained token needs "
+            "'write' on that repo or organization)."
+        )
+    elif isinstance(err, RepositoryNotFoundError):
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: it does not exist or {_token_source(token)} cannot see it "
+            f"(HTTP {status}).{server} Check hub_model_id, and that the token belongs to an account with access."
+        )
+    else:
+        return err
+    return HubPushError(message, response=err.response, server_message=getattr(err, "server_message", None))
 
 
 def export_student(

@@ -96,16 +96,18 @@ def hcl_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> to
         raise ValueError(
             f"HCL needs equal shapes, got {tuple(student_feature.shape)} and {tuple(teacher_feature.shape)}"
         )
-    a, f = student_feature.float(), teacher_feature.float()
-    loss = F.mse_loss(a, f)
+    # Average pooling is linear, so pool(a) - pool(f) = pool(a - f): every level works on the one difference
+    # map, which is also the only full-size tensor autograd keeps (not a, f and each level's pooled pair).
+    diff = student_feature.float() - teacher_feature.float()
+    loss = diff.square().mean()
     total_weight = 1.0
     weight = 1.0
-    height = a.shape[-2]
+    height = diff.shape[-2]
     for k in (4, 2, 1):
         if k >= height:
             continue
         # As in ReviewKD: the weight halves per level actually used, so small maps keep 0.5 for their first.
         weight /= 2
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(a, k), F.adaptive_avg_pool2d(f, k))
+        loss = loss + weight * F.adaptive_avg_pool2d(diff, k).square().mean()
         total_weight += weight
     return loss / total_weight

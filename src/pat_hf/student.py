@@ -83,15 +83,21 @@ def create_student(
         kwargs["num_classes"] = num_classes
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
+    built_with = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
     if img_size is None:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    try:
-        return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
-    except TypeError as err:
-        # CNNs take any input size and have no img_size argument: the size only goes to pretrained_cfg.
-        if "img_size" not in str(err):
-            raise
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+            built_with["img_size"] = img_size
+        except TypeError as err:
+            # CNNs take any input size and have no img_size argument: the size only goes to pretrained_cfg.
+            if "img_size" not in str(err):
+                raise
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    # Older timm releases do not record construction arguments; the export needs them to rebuild the model.
+    model.pat_hf_model_args = built_with
+    return model
 
 
 def student_logits(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

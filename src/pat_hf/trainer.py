@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+try:  # transformers >= 5.x: a function; earlier releases: Trainer._rotate_checkpoints
+    from transformers.trainer_utils import rotate_checkpoints as _rotate_checkpoints
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    _rotate_checkpoints = None
 
 from . import __version__
 from .configuration import PATTrainingArguments
@@ -39,6 +45,14 @@ DISTILL_STATE_NAME = "distill_state.safetensors"
 MANIFEST_NAME = "distill_manifest.json"
 EXTRA_STATE_PREFIX = "__extra__."
 TRAINING_ARGS_NAME = "training_args.bin"
+TRAINER_STATE_NAME = "trainer_state.json"
+# Checkpoints are written under this prefix and renamed when complete. The leading underscore keeps the
+# folder out of `checkpoint-*` globs and out of Trainer.push_to_hub's uploads (it ignores "_*").
+STAGING_PREFIX = "_tmp-"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss component became NaN or infinite; training stops before the weights or checkpoints are hit."""
 
 
 class PATDistillationTrainer(Trainer):
@@ -153,6 +167,8 @@ class PATDistillationTrainer(Trainer):
                 f"num_classes={num_classes} (timm.create_model(..., num_classes={num_classes}) or "
                 "model.reset_classifier)."
             )
+        if student_model_args is None:  # what create_student recorded (older timm records nothing itself)
+            student_model_args = getattr(model, "pat_hf_model_args", None)
         if is_timm_model(model):
             check_timm_rebuildable(model, student_model_args)
         elif not is_transformers_model(model):
@@ -230,7 +246,41 @@ class PATDistillationTrainer(Trainer):
         for name, value in outputs["loss_parts"].items():
             store[name].append(value.detach().float())
         loss = outputs["loss"]
+        if model.training and self.args.stop_on_nonfinite_loss:
+            self._check_finite(outputs["loss_parts"], loss)
         return (loss, {"logits": outputs["logits"]}) if return_outputs else loss
+
+    def _check_finite(self, parts: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Raises :class:`NonFiniteLossError` naming the component(s), before the backward touches the weights.
+
+        One device sync per step. Under several processes the flags are summed across ranks so that every rank
+        stops together (one rank raising alone would leave the others waiting in DDP's all-reduce).
+        """
+        names = [*parts, "total"]
+        values = torch.stack([v.detach().float().reshape(()) for v in parts.values()] + [loss.detach().float()])
+        bad = (~torch.isfinite(values)).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bool(bad.any()):
+            return
+        local_bad = ~torch.isfinite(values)
+        if bool(local_bad.any()):
+            culprits = [
+                (f"loss_{n}" if n != "total" else "loss") + f"={v:.4g}"
+                for n, v, b in zip(names, values.tolist(), local_bad.tolist())
+                if b
+            ]
+            where = ", ".join(culprits)
+        else:
+            where = "on another process: " + ", ".join(
+                f"loss_{n}" if n != "total" else "loss" for n, b in zip(names, bad.tolist()) if b
+            )
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {self.state.global_step + 1} (method {self.args.distill_method!r}): {where}. "
+            "Training stopped before this step's update; the checkpoints already written are intact. "
+            "Try a lower learning_rate, max_grad_norm (gradient clipping), bf16 instead of fp16, or check the "
+            "inputs (NaN pixels, wrong normalisation); resume_from_checkpoint restarts from the last good checkpoint."
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of each loss component since the last log (``loss_ce``, ``eval_loss_kd``, ...)."""
@@ -254,7 +304,18 @@ class PATDistillationTrainer(Trainer):
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         # predict() runs this loop without logging; start every evaluation with an empty buffer.
         self._loss_parts["eval"].clear()
+        self._sync_buffers_from_main_process()
         return super().evaluation_loop(*args, **kwargs)
+
+    def _sync_buffers_from_main_process(self) -> None:
+        # DDP broadcasts rank 0's buffers at the start of each training forward, so after a step every other
+        # rank holds its own update of the BatchNorm statistics (student and heads). Evaluation runs the
+        # unwrapped model and the export saves rank 0's: give every rank rank 0's buffers, as DDP would.
+        ddp = self.model_wrapped
+        if self.accelerator.num_processes <= 1 or ddp is self.model or not getattr(ddp, "broadcast_buffers", False):
+            return
+        for buffer in self.accelerator.unwrap_model(ddp).buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
 
     # ---- train / resume ----------------------------------------------------------------------------------
 
@@ -281,12 +342,68 @@ class PATDistillationTrainer(Trainer):
                 path = os.path.join(self.args.output_dir, name)
                 if name.startswith(PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
                     self._check_manifest(path, resuming=False)
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+        self._sync_buffers_from_main_process()
+        return output
+
+    # ---- checkpoints: written under a temporary name, renamed when complete ------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being written, Trainer's writers see a staging folder as the run directory.
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Writes ``checkpoint-N`` atomically: everything (weights, method state, manifest, optimizer, RNG
+        states of every rank, trainer state) goes to ``_tmp-checkpoint-N/checkpoint-N`` first, and the folder is
+        renamed to ``checkpoint-N`` once complete. A job killed while saving leaves only the ``_tmp-`` folder,
+        which resume ignores and the next save removes."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, STAGING_PREFIX + name), os.path.join(run_dir, name)
+        staged = os.path.join(staging, name)
+        if self.args.should_save:
+            _remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            _replace_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+        # Nodes without a shared file system hold their own ranks' RNG states: each node's first process
+        # renames what it wrote, as Trainer would have written it straight to checkpoint-N.
+        if not self.args.should_save and self.args.local_process_index == 0 and os.path.isdir(staged):
+            _replace_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _rotate(self, run_dir: str) -> None:
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0:
+            return
+        if _rotate_checkpoints is not None:
+            _rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        elif hasattr(self, "_rotate_checkpoints"):  # pragma: no cover - older transformers
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
 
     def manifest(self) -> dict[str, Any]:
         """What defines this run; stored in every checkpoint and compared on resume."""
@@ -418,7 +535,9 @@ class PATDistillationTrainer(Trainer):
         }
         arch = student.pretrained_cfg.get("architecture") if is_timm_model(student) else type(student).__name__
         return ModelCardInfo(
-            model_name=model_name or os.path.basename(os.path.normpath(args.output_dir)),
+            model_name=model_name
+            or (args.hub_model_id.split("/")[-1] if args.hub_model_id else None)
+            or os.path.basename(os.path.normpath(args.output_dir)),
             student_architecture=str(arch),
             method_settings=self.method.settings(),
             teacher=self.teacher.describe() if self.teacher is not None else None,
@@ -438,6 +557,217 @@ class PATDistillationTrainer(Trainer):
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(render_model_card(self.model_card_info(model_name=model_name, dataset=dataset)))
+
+    # ---- Hub -----------------------------------------------------------------------------------------------
+    # Trainer uploads all of output_dir but checkpoints (training_args.bin, logs, results, a processor saved
+    # there); a pat_hf repo's root holds the student export alone, so each upload reads a snapshot of hard links
+    # to hub_files() only. Checkpoints (hub_strategy="checkpoint" / "all_checkpoints") go to a subfolder, as in
+    # Trainer, so that they can be downloaded and resumed. Snapshots also keep background uploads consistent
+    # while checkpoints are renamed from their staging folder, rotated away, or written next to them.
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the repo ``args.hub_model_id``; a refused token or namespace raises
+        :class:`pat_hf.hub.HubPushError` saying what to change."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from .hub import explain_push_error
+
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except HfHubHTTPError as err:
+            repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+            raise explain_push_error(err, repo_id, token if token is not None else self.args.hub_token) from err
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Saves the student to ``output_dir`` and uploads it alone: ``config.json``, ``model.safetensors`` and
+        ``README.md`` for a timm student (never the teacher, the method's heads or state, logs or checkpoints).
+
+        Args:
+            commit_message: Message of the commit.
+            blocking: Wait for the upload; otherwise return a ``Future``.
+            token: Token with write access; default ``args.hub_token``, then ``HF_TOKEN`` / ``hf auth login``.
+            revision: Branch to commit to; default ``args.hub_revision`` (the default branch).
+            private: Whether a repo created now is private; default ``args.hub_private_repo``.
+            **kwargs: ``model_name`` and ``dataset`` for the model card.
+
+        Returns:
+            The ``CommitInfo`` (a ``Future`` of it when ``blocking=False``); None on processes other than the
+            main one.
+
+        Raises:
+            pat_hf.hub.HubPushError: The Hub refused the token or the repo (HTTP 401/403/404); nothing was
+                uploaded and the local export stays as saved.
+        """
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from .hub import explain_push_error, hub_files
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        # On every process: FSDP/DeepSpeed gather the weights collectively; only the main process writes.
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=kwargs.pop("model_name", None), dataset=kwargs.pop("dataset", None))
+        self._finish_current_push()
+        try:
+            return self._upload_snapshot(
+                self.args.output_dir,
+                hub_files(self.student),
+                repo_id=self.hub_model_id,
+                commit_message=commit_message,
+                token=token,
+                run_as_future=not blocking,
+                revision=revision if revision is not None else self.args.hub_revision,
+            )
+        except HfHubHTTPError as err:
+            raise explain_push_error(err, self.hub_model_id, token) from err
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """As Trainer's: the repo root gets the checkpoint's student (plus a model card with the metrics so
+        far); the whole checkpoint, method state and manifest included, goes to ``last-checkpoint/`` or
+        ``checkpoint-N/`` only with ``hub_strategy="checkpoint"`` / ``"all_checkpoints"``."""
+        import fnmatch
+
+        from transformers.trainer_utils import HubStrategy, SaveStrategy
+        from transformers.utils.hub import PushInProgress
+
+        from .hub import hub_files
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        # As Trainer: skip this push while the previous one is still uploading, unless hub_always_push.
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        patterns = hub_files(self.student)
+        # As Trainer, output_dir gets the checkpoint's student: copying it avoids gathering the weights again.
+        for name in os.listdir(checkpoint_folder):
+            if name != "README.md" and any(fnmatch.fnmatch(name, p) for p in patterns):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        self.create_model_card()
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        common = {
+            "repo_id": self.hub_model_id,
+            "token": self.args.hub_token,
+            "revision": self.args.hub_revision,
+            "run_as_future": True,
+        }
+        jobs = [self._upload_snapshot(output_dir, patterns, commit_message=commit_message, **common)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            name = os.path.basename(os.path.normpath(checkpoint_folder))
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else name
+            message = commit_message + ", checkpoint"
+            jobs.append(
+                self._upload_snapshot(
+                    checkpoint_folder, None, path_in_repo=path_in_repo, commit_message=message, **common
+                )
+            )
+        for job in jobs:
+            job.add_done_callback(self._warn_failed_push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def _upload_snapshot(self, folder: str, patterns: list[str] | None, *, run_as_future: bool, **kwargs: Any) -> Any:
+        """``upload_folder`` of a hard-link snapshot of ``folder`` (its top-level files matching ``patterns``, or
+        everything), removed once uploaded."""
+        snapshot = _link_snapshot(folder, os.path.join(self.args.output_dir, HUB_SNAPSHOT_PREFIX), patterns)
+        try:
+            result = self._hf_api().upload_folder(folder_path=snapshot, run_as_future=run_as_future, **kwargs)
+        except BaseException:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+        if run_as_future:
+            result.add_done_callback(lambda _: shutil.rmtree(snapshot, ignore_errors=True))
+        else:
+            shutil.rmtree(snapshot, ignore_errors=True)
+        return result
+
+    def _warn_failed_push(self, job: Any) -> None:
+        # Trainer waits for background pushes without looking at their outcome; a failed one would go unnoticed.
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from .hub import explain_push_error
+
+        err = None if job.cancelled() else job.exception()
+        if isinstance(err, HfHubHTTPError):
+            err = explain_push_error(err, self.hub_model_id, self.args.hub_token)
+        if err is not None:
+            logger.warning("A push to the Hub failed (training goes on): %s", err)
+
+    def _hf_api(self) -> Any:
+        # One client per trainer: its single worker thread keeps background commits in submission order.
+        api = getattr(self, "_hub_api", None)
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = self._hub_api = HfApi(library_name="pat_hf", library_version=__version__)
+        return api
+
+
+def _remove_stale_staging(run_dir: str) -> None:
+    """Removes the ``_tmp-checkpoint-*`` folders left by a job killed while it saved."""
+    if not os.path.isdir(run_dir):
+        return
+    for entry in os.listdir(run_dir):
+        if entry.startswith(STAGING_PREFIX) and PREFIX_CHECKPOINT_DIR in entry:
+            logger.warning("Removing %s, an incomplete checkpoint left by an interrupted save.", entry)
+            shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
+
+
+def _replace_dir(source: str, target: str) -> None:
+    """Renames ``source`` to ``target``; an existing ``target`` (the same step saved again after a resume) is
+    moved aside first and deleted only once the new folder is in place."""
+    old = None
+    if os.path.exists(target):
+        old = os.path.join(os.path.dirname(target), STAGING_PREFIX + "old-" + os.path.basename(target))
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+HUB_SNAPSHOT_PREFIX = "_hub-push-"
+
+
+def _link_snapshot(folder: str, prefix: str, patterns: list[str] | None = None) -> str:
+    """A new folder named ``prefix...`` holding hard links (copies across devices) to ``folder``'s files: all of
+    them, or only its top-level files matching ``patterns``."""
+    import fnmatch
+    import tempfile
+
+    snapshot = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
+    for root, _, files in os.walk(folder):
+        relative = os.path.relpath(root, folder)
+        if patterns is not None and relative != ".":
+            continue
+        os.makedirs(os.path.join(snapshot, relative), exist_ok=True)
+        for name in files:
+            if patterns is not None and not any(fnmatch.fnmatch(name, p) for p in patterns):
+                continue
+            source, target = os.path.join(root, name), os.path.join(snapshot, relative, name)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    return snapshot
 
 
 def load_student_weights(student: nn.Module, directory: str) -> None:

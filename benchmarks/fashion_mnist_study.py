@@ -1,0 +1,67 @@
+"""A reproducible distillation study on real data: Fashion-MNIST, ViT -> ResNet and ConvNeXt -> DeiT.
+
+Trains two transformers teachers (ViT, ConvNeXt) on the 60,000 training images, then timm students on a fixed
+class-balanced subset of 5,000 images with ``none`` (scratch), ``kd``, ``ofa`` and ``pat``, several seeds each,
+scores them on the 10,000 test images and writes ``docs/results.md`` and ``docs/results.png`` from the per-run
+JSON files. Rerunning skips finished runs.
+
+    python benchmarks/fashion_mnist_study.py                 # the full study (3 seeds), outputs/study/
+    python benchmarks/fashion_mnist_study.py --quick         # one seed, 1 epoch each: a smoke test (~15 min, 2 CPUs)
+    python benchmarks/fashion_mnist_study.py --device cuda   # on a GPU (bf16 autocast)
+    python benchmarks/fashion_mnist_study.py --ablations     # also PAT without prompts / feedback / regulariser
+    python benchmarks/fashion_mnist_study.py --report-only   # regenerate the page and chart from the JSON files
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pat_hf.study import METHODS, PAIRS, StudyConfig, config_from_dict, run_study, write_report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every option left out keeps the preset's value (full, or ``--quick``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, 1 teacher and 1 student epoch (smoke test)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: 0 1 2; quick: 0)")
+    parser.add_argument(
+        "--output-dir", help="per-run JSON and teachers (default: outputs/study, quick: outputs/study-quick)"
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), help="auto: cuda when available (bf16 autocast)")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    parser.add_argument("--ablations", action="store_true", help="also run the PAT ablations (first seed only)")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate the report from the JSON files")
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), help="pairs to run (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
+    parser.add_argument("--teacher-epochs", type=int, help="default: ViT 10, ConvNeXt 6")
+    parser.add_argument("--student-epochs", type=int, help=f"default {StudyConfig.student_epochs}")
+    parser.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--markdown", default="docs/results.md", help="where the results page goes")
+    parser.add_argument("--figure", default="docs/results.png", help="where the chart goes")
+    # Debug/test only: cut the data and the runs (the report flags such runs).
+    parser.add_argument("--max-train-images", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-eval-images", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the study (resuming) and writes the report, or only the report with ``--report-only``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    values.setdefault("output_dir", "outputs/study-quick" if args.quick else "outputs/study")
+    config = config_from_dict(values, quick=args.quick)
+    if not args.report_only:
+        run_study(config)
+    print(write_report(config.output_dir, args.markdown, args.figure))
+    written = [args.markdown] + ([args.figure] if os.path.isfile(args.figure) else [])
+    print(f"Wrote {' and '.join(written)} from {os.path.join(config.output_dir, 'runs')}.", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A run killed with SIGKILL resumes from its last complete checkpoint and ends bit-identical (CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_resume_worker.py")
+
+
+def run_worker(output_dir, method: str, mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    return subprocess.run(
+        [sys.executable, WORKER, str(output_dir), method, mode], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def final_state(output_dir) -> tuple[dict[str, torch.Tensor], list]:
+    return (
+        load_file(os.path.join(output_dir, "final", "model.safetensors")),
+        torch.load(os.path.join(output_dir, "final", "feedback.pt")),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "kill", "survivor"),
+    [("kd", "kill-after-step-5", "checkpoint-3"), ("pat", "kill-while-saving-6", "checkpoint-3")],
+)
+def test_sigkilled_run_resumes_exactly(tmp_path, method, kill, survivor):
+    full = run_worker(tmp_path / "full", method, "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    killed = run_worker(killed_dir, method, kill)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    checkpoints = sorted(p for p in os.listdir(killed_dir) if p.startswith("checkpoint-"))
+    assert checkpoints[-1] == survivor
+    if kill == "kill-while-saving-6":
+        # The half-written checkpoint stayed under its temporary name: resume cannot pick it up.
+        assert not (killed_dir / "checkpoint-6").exists()
+        assert (killed_dir / "_tmp-checkpoint-6" / "checkpoint-6" / "model.safetensors").is_file()
+        assert not (killed_dir / "_tmp-checkpoint-6" / "checkpoint-6" / "trainer_state.json").exists()
+    for name in checkpoints:  # every checkpoint-N is complete
+        files = set(os.listdir(killed_dir / name))
+        assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "distill_manifest.json"} <= files, name
+
+    resumed = run_worker(killed_dir, method, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "global_step 9" in resumed.stdout
+    assert not any(p.startswith("_tmp-") for p in os.listdir(killed_dir))  # the stale temporary folder is gone
+
+    (expected, expected_fb), (got, got_fb) = final_state(tmp_path / "full"), final_state(killed_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert len(got_fb) == len(expected_fb) == (4 if method == "pat" else 0)
+    for a, b in zip(got_fb, expected_fb):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
