@@ -21,7 +21,8 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, timm
       f"accelerate {accelerate.__version__}, {torch.cuda.get_device_name()}")
 PY
 
-for pair in convnext_t-deit_t swin_t-resnet18; do
+# GPU_CHECK_PAIRS="" skips part 1.
+for pair in ${GPU_CHECK_PAIRS-convnext_t-deit_t swin_t-resnet18}; do
   echo "== step cost, $pair, bf16, batch $BATCH"
   python benchmarks/step_cost.py --pair "$pair" --cuda --bf16 --batch "$BATCH" --steps 10 --warmup 3 \
     --configs none kd ofa pat --json "$OUT_DIR/step_cost_$pair.json" | tee "$OUT_DIR/step_cost_$pair.md"

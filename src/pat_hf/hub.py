@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -321,7 +322,8 @@ def export_student(
         if class_names:
             model_config["label_names"] = list(class_names)
         config_path = os.path.join(output_dir, CONFIG_NAME)
-        save_config_for_hf(student, config_path, model_config=model_config, model_args=model_args)
+        # timm <= 1.0.29 calls config_path.open(): a Path works with every release.
+        save_config_for_hf(student, Path(config_path), model_config=model_config, model_args=model_args)
         # transformers' TimmWrapper passes num_classes itself (from num_labels) and would get it twice; timm
         # reads it from the root of config.json anyway.
         config = read_json(config_path)
