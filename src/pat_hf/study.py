@@ -61,21 +61,26 @@ TEACHER_RECIPES: dict[str, dict[str, Any]] = {
         "architecture": "ViTForImageClassification",
         "image_size": IMAGE_SIZE,
         "patch_size": 4,
-        "hidden_size": 128,
-        "num_hidden_layers": 4,
+        "hidden_size": 96,
+        "num_hidden_layers": 6,
         "num_attention_heads": 4,
-        "intermediate_size": 256,
+        "intermediate_size": 192,
     },
     "convnext": {
         "architecture": "ConvNextForImageClassification",
         "image_size": IMAGE_SIZE,
-        "patch_size": 4,
+        "patch_size": 2,
         "hidden_sizes": [32, 64, 128, 256],
-        "depths": [2, 2, 2, 2],
+        "depths": [1, 1, 2, 1],
+        # transformers' default 1e-6 leaves every block near identity for most of a short run (held-out top-1
+        # after 2 epochs: 79.7% with 1e-6, 83.9% with 1.0).
+        "layer_scale_init_value": 1.0,
     },
 }
-# A ViT learns more slowly from scratch than a ConvNeXt: it gets more epochs to clear 89% test top-1.
-TEACHER_EPOCHS = {"vit": 10, "convnext": 6}
+# A ViT learns more slowly from scratch than a ConvNeXt: it gets more epochs. Measured on CPU (full runs, test
+# top-1): ConvNeXt 88.21% (8 epochs), ViT 86.29% (10 epochs): both still BELOW the study's 89% requirement
+# (they underfit: val = test); see the issue notes. Not final recipes.
+TEACHER_EPOCHS = {"vit": 10, "convnext": 8}
 STUDENT_RECIPES: dict[str, dict[str, Any]] = {
     # The demo's reduced resnet10t (16-128 channels).
     "resnet": dict(STUDENT_ARGS, img_size=IMAGE_SIZE),
