@@ -62,3 +62,47 @@ def test_sigkilled_run_resumes_exactly(tmp_path, method, kill, survivor):
     assert len(got_fb) == len(expected_fb) == (4 if method == "pat" else 0)
     for a, b in zip(got_fb, expected_fb):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_staged_checkpoints_rotate_and_keep_the_best(tmp_path):
+    """save_total_limit and load_best_model_at_end see the renamed checkpoint-N folders, never _tmp- ones."""
+    from conftest import make_image_dataset, tiny_args, tiny_teacher
+
+    from pat_hf import PATDistillationTrainer
+    from pat_hf.data import with_image_transforms
+    from pat_hf.preprocessing import ImageView
+    from pat_hf.student import create_student
+    from pat_hf.teacher import load_teacher
+
+    dataset = make_image_dataset(n=16, size=16)
+    teacher = tiny_teacher("vit")
+    student = create_student("test_vit", num_classes=3, img_size=16)
+    view = ImageView.from_timm(student)
+    args = tiny_args(
+        tmp_path,
+        distill_method="kd",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=with_image_transforms(dataset, view, load_teacher(teacher).view, train=True),
+        eval_dataset=with_image_transforms(dataset, view, None, train=False),
+    )
+    trainer.train()
+    names = sorted(os.listdir(args.output_dir))
+    assert not any(n.startswith("_") for n in names), names
+    checkpoints = [n for n in names if n.startswith("checkpoint-")]
+    best = trainer.state.best_model_checkpoint
+    assert os.path.basename(best) in checkpoints and os.path.dirname(best) == args.output_dir
+    assert "checkpoint-4" in checkpoints and len(checkpoints) <= 3  # the limit, plus the best when older
+    with open(os.path.join(best, "trainer_state.json")) as f:
+        assert '"_tmp-' not in f.read()
