@@ -67,7 +67,6 @@ def test_sigkilled_run_resumes_exactly(tmp_path, method, kill, survivor):
 def test_staged_checkpoints_rotate_and_keep_the_best(tmp_path):
     """save_total_limit and load_best_model_at_end see the renamed checkpoint-N folders, never _tmp- ones."""
     from conftest import make_image_dataset, tiny_args, tiny_teacher
-
     from pat_hf import PATDistillationTrainer
     from pat_hf.data import with_image_transforms
     from pat_hf.preprocessing import ImageView
