@@ -256,25 +256,18 @@ class PATDistillationTrainer(Trainer):
         One device sync per step. Under several processes the flags are summed across ranks so that every rank
         stops together (one rank raising alone would leave the others waiting in DDP's all-reduce).
         """
-        names = [*parts, "total"]
+        labels = [f"loss_{name}" for name in parts] + ["loss"]
         values = torch.stack([v.detach().float().reshape(()) for v in parts.values()] + [loss.detach().float()])
-        bad = (~torch.isfinite(values)).float()
+        local_bad = ~torch.isfinite(values)
+        bad = local_bad.float()
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if not bool(bad.any()):
             return
-        local_bad = ~torch.isfinite(values)
         if bool(local_bad.any()):
-            culprits = [
-                (f"loss_{n}" if n != "total" else "loss") + f"={v:.4g}"
-                for n, v, b in zip(names, values.tolist(), local_bad.tolist())
-                if b
-            ]
-            where = ", ".join(culprits)
+            where = ", ".join(f"{n}={v:.4g}" for n, v, b in zip(labels, values.tolist(), local_bad.tolist()) if b)
         else:
-            where = "on another process: " + ", ".join(
-                f"loss_{n}" if n != "total" else "loss" for n, b in zip(names, bad.tolist()) if b
-            )
+            where = "on another process: " + ", ".join(n for n, b in zip(labels, bad.tolist()) if b)
         raise NonFiniteLossError(
             f"Non-finite loss at step {self.state.global_step + 1} (method {self.args.distill_method!r}): {where}. "
             "Training stopped before this step's update; the checkpoints already written are intact. "
@@ -392,13 +385,10 @@ class PATDistillationTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
 
     def _rotate(self, run_dir: str) -> None:
-        limit = self.args.save_total_limit
-        if limit is None or limit <= 0:
-            return
         if _rotate_checkpoints is not None:
             _rotate_checkpoints(
                 output_dir=run_dir,
-                save_total_limit=limit,
+                save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=False,
             )
