@@ -10,8 +10,13 @@ table with images/s, peak memory, the ratios to `kd`, and PAT's time split.
 
 PAT's split: student = the student-only step; plain teacher pass = kd − student; the prompt blocks, RAA +
 aligners and the losses = their own forward + backward timed on the step's real tensors; the prompted teacher
-pass with its backward = the rest. `pat_checkpoint` recomputes the prompted pass in the backward
-(`--pat_checkpoint_teacher`: less memory, one more teacher forward).
+pass with its backward = the rest. `pat_checkpoint` recomputes the teacher's blocks in the backward
+(`--pat_checkpoint_teacher`: the prompted pass keeps only the blocks' inputs, for one more teacher forward).
+
+CPU memory is the peak resident set size. glibc keeps freed memory of mid-sized allocations in its heap, so
+without care the peak RSS says more about the allocator's history than about what the step needs; the children
+run with ``MALLOC_MMAP_THRESHOLD_=131072``, which returns every tensor above 128 KiB to the system when it is
+freed, so that peak RSS follows live memory as ``torch.cuda.max_memory_allocated`` does on a GPU.
 """
 
 from __future__ import annotations
@@ -234,7 +239,7 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", config] + [
             a for a in sys.argv[1:] if not a.startswith("--_child")
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", MALLOC_MMAP_THRESHOLD_="131072")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if out.returncode:
             sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")

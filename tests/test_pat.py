@@ -133,32 +133,57 @@ def test_feedback_is_detached_per_stage_and_skipped_for_other_batch_sizes(tmp_pa
         assert fb.shape == (4, spec.channels, spec.height, spec.width) and not fb.requires_grad
 
 
-@pytest.mark.parametrize("family", ["convnext", "swin"])
-def test_checkpointed_teacher_pass_gives_the_same_loss_and_gradients(tmp_path, family):
+def forward_counting_block_activations(model, blocks, batch, saved: list[int]):
+    """The model's forward, appending to ``saved`` the bytes autograd keeps inside the given blocks (weights are
+    kept by reference and cost nothing; the plain teacher pass keeps nothing: no_grad)."""
+    weights = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for b in blocks for p in b.parameters()}
+    inside: list[bool] = []
+
+    def pack(tensor):
+        if inside and tensor.data_ptr() not in weights:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    handles = [block.register_forward_pre_hook(lambda *_: inside.append(True)) for block in blocks]
+    handles += [block.register_forward_hook(lambda *_: inside.clear()) for block in blocks]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", TEACHER_FAMILIES)
+def test_recomputed_teacher_pass_gives_the_same_loss_and_gradients_with_fewer_saved_tensors(tmp_path, family):
     trainer = pat_trainer(tmp_path, family, student_kwargs={"img_size": 20, "zero_init_last": False})
     method, model = trainer.method, trainer.model.train()
     with torch.no_grad():
         for prompt in method.prompts.values():
             prompt.beta.fill_(0.5)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-    model(**batch)  # fills the feedback, so the recomputation must reuse this step's snapshot
+    model(**batch)  # fills the feedback, so both passes below see the same, non-empty feedback
     feedback = list(method.feedback)
     results = []
-    for use_checkpoint in (True, False):
-        method.checkpoint_teacher = use_checkpoint
+    for recompute in (True, False):
+        method.checkpoint_teacher = recompute
         method.feedback = list(feedback)
         model.zero_grad()
-        out = model(**batch)
+        saved: list[int] = []
+        out = forward_counting_block_activations(model, method.teacher_taps.blocks, batch, saved)
         out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out["loss"].detach(), grads, [f.clone() for f in method.feedback]))
-    (loss_a, grads_a, fb_a), (loss_b, grads_b, fb_b) = results
+        results.append((out["loss"].detach(), grads, [f.clone() for f in method.feedback], sum(saved)))
+    (loss_a, grads_a, fb_a, saved_a), (loss_b, grads_b, fb_b, saved_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     assert grads_a.keys() == grads_b.keys() and any(k.startswith("method.prompts") for k in grads_a)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
     for a, b in zip(fb_a, fb_b):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The teacher's blocks kept only their inputs.
+    assert 0 < saved_a < 0.5 * saved_b, (saved_a, saved_b)
+    assert all(p.grad is None for p in trainer.teacher.model.parameters())
 
 
 def test_feedback_never_reaches_evaluation(tmp_path):

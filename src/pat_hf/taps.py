@@ -327,6 +327,35 @@ def _hf_swin_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
     return int(dims[0]), int(dims[1])
 
 
+def _children(container: nn.Module) -> list[nn.Module]:
+    return list(container) if isinstance(container, (nn.Sequential, nn.ModuleList)) else [container]
+
+
+def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    """The model's residual blocks in forward order: the units :class:`pat_hf.recompute.BlockRecompute` can
+    recompute in the backward instead of keeping their activations."""
+    if family.startswith("hf_timm_wrapper:"):
+        return _block_modules(model.timm_model, family.split(":", 1)[1])
+    if family.startswith("hf_"):
+        base = getattr(model, "base_model", model)
+        if family in ("hf_vit", "hf_deit", "hf_beit"):
+            return _children(_get_attr_path(base, "layers", "encoder.layer", "encoder.layers"))
+        if family == "hf_swin":
+            return [block for stage in base.encoder.layers for block in stage.blocks]
+        return [block for stage in base.encoder.stages for block in _children(stage.layers)]  # ConvNeXt, ResNet
+    if family == "timm_resnet":
+        return [
+            block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in _children(layer)
+        ]
+    if family == "timm_convnext":
+        return [block for stage in model.stages for block in _children(stage.blocks)]
+    if family == "timm_swin":
+        return [block for stage in model.layers for block in _children(stage.blocks)]
+    if family in ("timm_efficientnet", "timm_mobilenetv2", "timm_mobilenetv3"):
+        return [block for group in model.blocks for block in _children(group)]
+    return _children(model.blocks)  # timm ViT, Mixer, ResMLP
+
+
 _HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "input", "features", "input_feature")
 
 
@@ -337,6 +366,7 @@ class StageTaps:
 
     Attributes:
         family: The detected family, e.g. ``"hf_vit"``, ``"timm_resnet"``, ``"hf_timm_wrapper:timm_resnet"``.
+        blocks: The model's residual blocks in forward order (what PAT can recompute in the backward).
         output_specs: Layout of each stage's output, in canonical layout (4 entries).
         input_specs: Layout of each stage's input as a ``"map"`` spec of its patch grid (prefix tokens excluded).
 
@@ -348,11 +378,13 @@ class StageTaps:
     family: str
     output_specs: list[StageSpec]
     input_specs: list[StageSpec]
+    blocks: list[nn.Module]
 
     def __init__(self, family: str, sites: list[_Site]) -> None:
         if len(sites) != NUM_STAGES:
             raise ValueError(f"expected {NUM_STAGES} stage sites, got {len(sites)}")
         self.family = family
+        self.blocks = []
         self.output_specs = []
         self.input_specs = []
         self._sites = sites
@@ -643,6 +675,7 @@ def build_taps(model: nn.Module, image_size: tuple[int, int] | int | None = None
         in_channels = _first_conv_channels(model) or 3
     taps = StageTaps(family, sites)
     try:
+        taps.blocks = _block_modules(model, family)
         taps._run_probe(model, size, in_channels)
     except BaseException:
         taps.remove()

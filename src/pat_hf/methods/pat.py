@@ -13,16 +13,17 @@ Per training step (docs/methods.md has the full description and the deviations f
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..losses import cross_entropy, hcl_loss, kl_div_loss
 from ..modules.prompts import AdaptiveFeedbackPrompt
 from ..modules.raa import RegionAwareAttention, StageAligner, as_map, upsample_then_project
 from ..preprocessing import ImageView
+from ..recompute import BlockRecompute
 from ..student import student_logits
 from ..taps import StageSpec, build_taps
 from ..teacher import Teacher
@@ -121,6 +122,9 @@ class PerspectiveAwareTeaching(DistillationMethod):
         _init_student_side(self.aligners)
         # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
         self.feedback: list[torch.Tensor | None] = [None] * 4
+        # Hooks on the frozen teacher's blocks, installed on first use (a plain attribute, as the taps): with
+        # them, the prompted pass keeps only the blocks' inputs and recomputes each block in the backward.
+        self.teacher_recompute: BlockRecompute | None = None
 
     # ---- the prompt hook ---------------------------------------------------------------------------------
 
@@ -144,8 +148,13 @@ class PerspectiveAwareTeaching(DistillationMethod):
         """The teacher with prompts at its stage inputs: its logits and its 4 stage outputs (autograd kept)."""
         transforms = {stage - 1: self._prompt_transform(stage, feedback_maps) for stage in self.prompt_stages}
         self.teacher_taps.set_input_transforms(transforms)
+        recompute = nullcontext()
+        if self.checkpoint_teacher:
+            if self.teacher_recompute is None:
+                object.__setattr__(self, "teacher_recompute", BlockRecompute(self.teacher_taps.blocks))
+            recompute = self.teacher_recompute.active()
         try:
-            with self.teacher_taps.capture() as features:
+            with self.teacher_taps.capture() as features, recompute:
                 logits = teacher(pixel_values)
         finally:
             self.teacher_taps.set_input_transforms(None)
@@ -155,25 +164,25 @@ class PerspectiveAwareTeaching(DistillationMethod):
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         assert teacher is not None and batch.teacher_pixel_values is not None
-        # Both teacher passes run BEFORE the student: the prompts see the previous step's feedback, not this
-        # step's student, so the order is free, and with the prompted pass checkpointed the backward frees the
-        # student's activations before it recomputes the teacher's (peak memory: the larger of the two graphs,
-        # not their sum). The snapshot keeps the recomputation on this step's feedback.
-        feedback_maps = list(self.feedback)
+        # The prompts see the previous step's feedback, not this step's student, so the order of the passes is
+        # free; it is chosen for peak memory. Autograd runs the backward in reverse creation order:
+        # - by default the prompted teacher pass comes last, so the backward walks it (and frees its saved
+        #   activations, the largest set) before it allocates the heads' and the student's gradients;
+        # - with the teacher's blocks recomputed it comes first, so the backward frees the student's activations
+        #   before it recomputes the teacher's blocks.
         with torch.no_grad():
             plain_logits = teacher(batch.teacher_pixel_values)
-        if self.checkpoint_teacher and torch.is_grad_enabled():
-            prompted_logits, teacher_features = checkpoint(
-                self.prompted_teacher_forward, teacher, batch.teacher_pixel_values, feedback_maps, use_reentrant=False
-            )
-        else:
+        if self.checkpoint_teacher:
             prompted_logits, teacher_features = self.prompted_teacher_forward(
-                teacher, batch.teacher_pixel_values, feedback_maps
+                teacher, batch.teacher_pixel_values, list(self.feedback)
             )
         with self.student_taps.capture() as student_features:
             logits = student_logits(student, batch.pixel_values)
-
         aligned = [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
+        if not self.checkpoint_teacher:
+            prompted_logits, teacher_features = self.prompted_teacher_forward(
+                teacher, batch.teacher_pixel_values, list(self.feedback)
+            )
         targets = [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
         feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
         kd = kl_div_loss(logits, plain_logits, self.temperature)

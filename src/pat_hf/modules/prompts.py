@@ -90,13 +90,16 @@ def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, counts
 
 
-def _affine_mean(x: torch.Tensor, pointwise: nn.Conv2d, spatial: nn.Conv2d, after: nn.Conv2d) -> torch.Tensor:
-    """Spatial mean of ``after(spatial(pointwise(x)))`` without running the 5x5 conv over the map.
+def _affine_mean(parts: list[torch.Tensor], pointwise: nn.Conv2d, spatial: nn.Conv2d, after: nn.Conv2d) -> torch.Tensor:
+    """Spatial mean of ``after(spatial(pointwise(cat(parts, dim=1))))`` without running the 5x5 conv over the map.
 
-    ``pointwise`` is 1x1 (any groups), ``spatial`` 5x5 with padding 2 (any groups), ``after`` 1x1.
+    ``pointwise`` is 1x1 (any groups), ``spatial`` 5x5 with padding 2 (any groups), ``after`` 1x1. Region sums
+    are taken per part: they are per-channel, so concatenating the small summaries equals summarising the
+    concatenated map, without a full-size copy of it.
     """
-    height, width = x.shape[-2:]
-    sums, counts = region_sums(x)
+    height, width = parts[0].shape[-2:]
+    summaries = [region_sums(part) for part in parts]
+    sums, counts = torch.cat([summary for summary, _ in summaries], dim=1), summaries[0][1]
     # Region sums of pointwise(x): the 1x1 conv maps sums linearly, its bias counts once per position.
     v = F.conv2d(sums, pointwise.weight, None, groups=pointwise.groups)
     if pointwise.bias is not None:
@@ -148,13 +151,16 @@ class AdaptiveFeedbackPrompt(nn.Module):
         """The prompt (B, C, 1, 1) (or (B, C, H, W) for the spatial variant) for input x and feedback."""
         source = x
         if feedback is not None and self.has_feedback_branch:
-            fused = torch.cat([x, feedback], dim=1)
-            gate = self.fuse_se.gate_from_mean(_affine_mean(fused, self.fuse_in, self.fuse_spatial, self.fuse_mix))
+            gate = self.fuse_se.gate_from_mean(
+                _affine_mean([x, feedback], self.fuse_in, self.fuse_spatial, self.fuse_mix)
+            )
             source = self.fuse_out(gate)  # (B, C, 1, 1): the SE gate is spatially constant
         if self.spatial:
             u = self.prompt_mix(self.prompt_spatial(self.prompt_in(source)))
             return self.prompt_out(u * self.prompt_se(u))
-        gate = self.prompt_se.gate_from_mean(_affine_mean(source, self.prompt_in, self.prompt_spatial, self.prompt_mix))
+        gate = self.prompt_se.gate_from_mean(
+            _affine_mean([source], self.prompt_in, self.prompt_spatial, self.prompt_mix)
+        )
         return self.prompt_out(gate)
 
     def forward(self, x: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
