@@ -191,3 +191,34 @@ def test_report_calls_ties_by_the_seed_spread(tmp_path):
     assert "pat vs scratch: +9.00 points (pat above), larger than the seed spread" in text
     assert "| 82.00 ± 2.00 |" in text
     assert "GPU: NVIDIA H100 80GB HBM3 (bf16 autocast)" in text and "--device cuda" in text
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-fashion-mnist")
+def test_cli_runs_the_pairs_in_parallel_processes_then_one_report(tmp_path):
+    out, markdown = str(tmp_path / "study"), str(tmp_path / "results.md")
+    argv = ["--quick", "--output-dir", out, "--methods", "none", "kd", "--jobs", "2"]
+    argv += ["--max-train-images", "64", "--max-eval-images", "64", "--max-steps", "1"]
+    load_cli().main(argv + ["--markdown", markdown, "--figure", str(tmp_path / "results.png")])
+    records = study.load_runs(out)
+    assert sorted(r["run_id"] for r in records) == sorted(
+        ["teacher-vit", "teacher-convnext"] + [f"{p}-{m}-s0" for p in study.PAIRS for m in ("none", "kd")]
+    )
+    # Each child got its share of the cores (torch reads OMP_NUM_THREADS).
+    assert {r["hardware"]["torch_threads"] for r in records} == {max(1, (os.cpu_count() or 1) // 2)}
+    text = open(markdown, encoding="utf-8").read()
+    assert "vit_to_resnet-kd-s0" in text and "convnext_to_deit-kd-s0" in text
+    # The teachers' validation curves are recorded (one point per epoch; here one cut epoch).
+    assert all(len(r["val_curve"]) == 1 for r in records if r["kind"] == "teacher")
+
+
+def test_a_student_run_is_tied_to_its_teacher_recipe(monkeypatch):
+    spec = study.RunSpec("student", "vit_to_resnet", "kd", 0)
+    before = study._run_settings(StudyConfig(), spec)
+    monkeypatch.setitem(study.TEACHER_EPOCHS, "vit", study.TEACHER_EPOCHS["vit"] + 1)
+    after = study._run_settings(StudyConfig(), spec)
+    # A finished student of the old teacher is not reused for the new one (resume compares these settings).
+    assert before != after and after["teacher_settings"]["epochs"] == before["teacher_settings"]["epochs"] + 1
+    assert (
+        study._run_settings(StudyConfig(), study.RunSpec("student", "vit_to_resnet", "none", 0))["teacher_settings"]
+        is None
+    )

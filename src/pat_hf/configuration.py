@@ -97,9 +97,9 @@ class PATTrainingArguments(TrainingArguments):
     pat_checkpoint_teacher: bool = field(
         default=False,
         metadata={
-            "help": "Recompute the prompted teacher pass during the backward instead of keeping its activations: "
-            "less peak memory (2.25x instead of 2.45x kd's on ConvNeXt-T -> DeiT-T) for one more teacher forward "
-            "(2.7x instead of 2.1x kd's step time). See docs/benchmarks.md."
+            "help": "In the prompted teacher pass, keep only the inputs of the teacher's blocks and recompute each "
+            "block during the backward (forward hooks; same loss and gradients): PAT's peak memory drops to at most "
+            "2x kd's on the benchmark pairs, for one more teacher forward per step. See docs/benchmarks.md."
         },
     )
     remove_unused_columns: bool = field(
