@@ -13,10 +13,12 @@ aligners and the losses = their own forward + backward timed on the step's real 
 pass with its backward = the rest. `pat_checkpoint` recomputes the teacher's blocks in the backward
 (`--pat_checkpoint_teacher`: the prompted pass keeps only the blocks' inputs, for one more teacher forward).
 
-CPU memory is the peak resident set size. glibc keeps freed memory of mid-sized allocations in its heap, so
-without care the peak RSS says more about the allocator's history than about what the step needs; the children
-run with ``MALLOC_MMAP_THRESHOLD_=131072``, which returns every tensor above 128 KiB to the system when it is
-freed, so that peak RSS follows live memory as ``torch.cuda.max_memory_allocated`` does on a GPU.
+CPU memory is the peak resident set size of a second process per configuration, which runs the warm-up steps
+and two more. glibc keeps freed memory of mid-sized allocations in its heap, so a plain peak RSS says more
+about the allocator's history than about what the step needs; that process starts with
+``MALLOC_MMAP_THRESHOLD_=131072``, so that every tensor above 128 KiB goes back to the system when it is freed
+and the peak RSS follows live memory, as ``torch.cuda.max_memory_allocated`` does on a GPU. The timed process
+runs with the allocator's defaults.
 """
 
 from __future__ import annotations
@@ -68,13 +70,21 @@ def build_pair(pair: str, num_classes: int = 100):
 
 
 def run_one(
-    config: str, pair: str, image_size: int, batch: int, steps: int, warmup: int, device: str, bf16: bool
+    config: str,
+    pair: str,
+    image_size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    bf16: bool,
+    memory_only: bool = False,
 ) -> dict:
-    """One configuration in this process; returns its timings and memory."""
+    """One configuration in this process; returns its timings (and peak memory on a GPU), or with
+    ``memory_only`` (CPU) only its peak memory."""
     import torch
 
     from pat_hf import PATTrainingArguments
-    from pat_hf.losses import hcl_loss
     from pat_hf.methods import get_method
     from pat_hf.modeling import DistillationModel
     from pat_hf.preprocessing import ImageView
@@ -112,6 +122,14 @@ def run_one(
         optimizer.zero_grad(set_to_none=True)
 
     base_rss = _rss_kib()
+    if memory_only:
+        # CPU peak memory, in a process of its own started with a fixed mmap threshold (see the module doc).
+        for _ in range(warmup + 2):
+            step()
+        return {
+            "peak_mib": (_peak_rss_kib() - base_rss) / 1024,
+            "peak_total_mib": (_peak_rss_kib() - libraries_rss) / 1024,
+        }
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
@@ -123,58 +141,66 @@ def run_one(
     if device == "cuda":
         result["peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
         result["peak_total_mib"] = (torch.cuda.max_memory_allocated() - libraries_cuda) / 2**20
-    else:
-        result["peak_mib"] = (_peak_rss_kib() - base_rss) / 1024
-        result["peak_total_mib"] = (_peak_rss_kib() - libraries_rss) / 1024
     if config == "pat":
-        # Component timings on this step's real tensors: RAA + aligners (forward + backward) and the losses.
-        with method.student_taps.capture() as feats:
-            student(x)
-        feats = [f.detach().requires_grad_(True) for f in feats]
-        with torch.no_grad(), method.teacher_taps.capture() as tfeats:
-            teacher(x)
-        from pat_hf.modules.raa import as_map
-
-        targets = [as_map(f, s) for f, s in zip(tfeats, method.teacher_output_specs)]
-
-        def raa_step():
-            aligned = [a(r) for a, r in zip(method.aligners, method.raa(feats))]
-            sum(t.float().mean() for t in aligned).backward()
-            return aligned
-
-        def loss_step(aligned):
-            aligned = [a.detach().requires_grad_(True) for a in aligned]
-            sum(hcl_loss(a, t) for a, t in zip(aligned, targets)).backward()
-
-        aligned = raa_step()
-        result["raa_s"] = _median_time(raa_step, steps, sync)
-        result["loss_s"] = _median_time(lambda: loss_step(aligned), steps, sync)
-
-        # The four prompt blocks (with feedback) on the real stage inputs, forward + backward.
-        stage_inputs = {}
-
-        def keep(stage):
-            def transform(t):
-                stage_inputs[stage] = t.detach()
-                return t
-
-            return transform
-
-        method.teacher_taps.set_input_transforms({i: keep(i) for i in range(4)})
-        with torch.no_grad():
-            teacher(x)
-        method.teacher_taps.set_input_transforms(None)
-
-        def prompt_step():
-            total = 0
-            for stage in method.prompt_stages:
-                inp = stage_inputs[stage - 1].requires_grad_(True)
-                total = total + method._prompt_transform(stage, method.feedback)(inp).sum()
-            total.backward()
-
-        prompt_step()
-        result["prompts_s"] = _median_time(prompt_step, steps, sync)
+        result.update(_pat_components(method, student, teacher, x, steps, sync))
     return result
+
+
+def _pat_components(method, student, teacher, x, steps: int, sync) -> dict:
+    """PAT's component timings on one step's real tensors (a function, so its tensors are freed on return)."""
+    import torch
+
+    from pat_hf.losses import hcl_loss
+
+    timings = {}
+    # Component timings on this step's real tensors: RAA + aligners (forward + backward) and the losses.
+    with method.student_taps.capture() as feats:
+        student(x)
+    feats = [f.detach().requires_grad_(True) for f in feats]
+    with torch.no_grad(), method.teacher_taps.capture() as tfeats:
+        teacher(x)
+    from pat_hf.modules.raa import as_map
+
+    targets = [as_map(f, s) for f, s in zip(tfeats, method.teacher_output_specs)]
+
+    def raa_step():
+        aligned = [a(r) for a, r in zip(method.aligners, method.raa(feats))]
+        sum(t.float().mean() for t in aligned).backward()
+        return aligned
+
+    def loss_step(aligned):
+        aligned = [a.detach().requires_grad_(True) for a in aligned]
+        sum(hcl_loss(a, t) for a, t in zip(aligned, targets)).backward()
+
+    aligned = raa_step()
+    timings["raa_s"] = _median_time(raa_step, steps, sync)
+    timings["loss_s"] = _median_time(lambda: loss_step(aligned), steps, sync)
+
+    # The four prompt blocks (with feedback) on the real stage inputs, forward + backward.
+    stage_inputs = {}
+
+    def keep(stage):
+        def transform(t):
+            stage_inputs[stage] = t.detach()
+            return t
+
+        return transform
+
+    method.teacher_taps.set_input_transforms({i: keep(i) for i in range(4)})
+    with torch.no_grad():
+        teacher(x)
+    method.teacher_taps.set_input_transforms(None)
+
+    def prompt_step():
+        total = 0
+        for stage in method.prompt_stages:
+            inp = stage_inputs[stage - 1].requires_grad_(True)
+            total = total + method._prompt_transform(stage, method.feedback)(inp).sum()
+        total.backward()
+
+    prompt_step()
+    timings["prompts_s"] = _median_time(prompt_step, steps, sync)
+    return timings
 
 
 def _times(fn, repeats: int, sync) -> list[float]:
@@ -220,6 +246,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if args.cuda else "cpu"
 
@@ -227,23 +254,36 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(
-            json.dumps(
-                run_one(args._child, args.pair, args.image_size, args.batch, args.steps, args.warmup, device, args.bf16)
-            )
+        result = run_one(
+            args._child,
+            args.pair,
+            args.image_size,
+            args.batch,
+            args.steps,
+            args.warmup,
+            device,
+            args.bf16,
+            args._memory,
         )
+        print(json.dumps(result))
         return
 
-    results = {}
-    for config in args.configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_child", config] + [
-            a for a in sys.argv[1:] if not a.startswith("--_child")
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", MALLOC_MMAP_THRESHOLD_="131072")
+    def child(config: str, memory: bool) -> dict:
+        argv = [a for a in sys.argv[1:] if a != "--_memory"]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--_child", config] + (["--_memory"] if memory else [])
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+        if memory:
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if out.returncode:
             sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
-        results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    results = {}
+    for config in args.configs:
+        results[config] = child(config, memory=False)
+        if device != "cuda":
+            results[config].update(child(config, memory=True))
         r = results[config]
         print(f"  {config:<15} {r['step_s']:.3f} s/step", file=sys.stderr, flush=True)
 
