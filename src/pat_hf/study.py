@@ -84,7 +84,12 @@ TEACHER_RECIPES: dict[str, dict[str, Any]] = {
 # rising at the last epoch): the ViT is still below the study's 89% (docs/results.md).
 TEACHER_EPOCHS = {"vit": 14, "convnext": 10}
 TEACHER_CROP_PAD = {"vit": 0, "convnext": 2}
-STUDENT_CROP_PAD = 4
+TEACHER_MIN_TOP1 = 0.89
+"""Test top-1 every teacher must reach (the report flags a teacher below it)."""
+# Students see the view their teachers were trained on: with a pad-4 crop the ViT teacher was right on only
+# 50% of the students' training images (ConvNeXt: 83%), against 91-92% unshifted, and KD, OFA and PAT all
+# distilled its mistakes (every distilled student at or below scratch). Same augmentation for every method.
+STUDENT_CROP_PAD = 0
 STUDENT_RECIPES: dict[str, dict[str, Any]] = {
     # The demo's reduced resnet10t (16-128 channels).
     "resnet": dict(STUDENT_ARGS, img_size=IMAGE_SIZE),
@@ -373,7 +378,8 @@ def build_student(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = create_student(
         arch, num_classes=len(FASHION_MNIST_CLASSES), pretrained_cfg_overlay=_view_overlay(), **recipe
     )
-    return model, recipe
+    # What timm actually took: a CNN has no img_size argument (the size only goes to its pretrained_cfg).
+    return model, dict(getattr(model, "pat_hf_model_args", recipe))
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -718,6 +724,7 @@ def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings
         dataset_name="fashion_mnist",
     )
     heads = count_params(trainer.method)
+    teacher_view_top1 = _teacher_top1_on_training_view(teacher, data, train_idx, spec.seed) if teacher else None
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start
@@ -730,11 +737,33 @@ def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings
         "train_images": len(train_idx),
         "params": count_params(student),
         "method_head_params": heads,
+        "teacher_top1_on_training_view": teacher_view_top1,
         "method_settings": trainer.method.settings(),
         "steps": trainer.state.global_step,
         "loss_curve": curve,
         "loss_summary": _curve_summary(curve),
     }
+
+
+@torch.no_grad()
+def _teacher_top1_on_training_view(teacher: torch.nn.Module, data: StudyData, indices: np.ndarray, seed: int) -> float:
+    """The teacher's top-1 on the student's training images as the student sees them (one augmented draw): a
+    teacher that is wrong on these views distils its mistakes, whatever the method."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    collator = TensorBatchCollator(pad=STUDENT_CROP_PAD)
+    dataset = FashionTensors(data.train_images, data.train_labels, indices, augment=True)
+    device = next(teacher.parameters()).device
+    correct = 0
+    try:
+        teacher.eval()
+        for start in range(0, len(dataset), 512):
+            batch = collator([dataset[i] for i in range(start, min(start + 512, len(dataset)))])
+            logits = teacher(pixel_values=batch["pixel_values"].to(device)).logits
+            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    finally:
+        torch.set_rng_state(generator_state)  # the student's run draws the same numbers as without this check
+    return correct / max(len(dataset), 1)
 
 
 def _run_path(config: StudyConfig, spec: RunSpec) -> str:
@@ -989,6 +1018,20 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         ]
     if debug:
         lines += ["> **Debug run**: training or evaluation sets were cut (max_train_images / max_steps).", ""]
+    seeds = sorted({r["seed"] for r in records if r["kind"] == "student"})
+    if not quick and seeds and len(seeds) < 3:
+        lines += [
+            f"> **Partial study: {len(seeds)} seed(s)** ({', '.join(map(str, seeds))}; the study asks for at least "
+            "3). Without a seed spread no difference below can be called a win or a tie.",
+            "",
+        ]
+    for name, t in teachers.items():
+        if not quick and not debug and t["test_top1"] < TEACHER_MIN_TOP1:
+            lines += [
+                f"> **Teacher {name} is below the study's requirement**: {100 * t['test_top1']:.2f}% test top-1 "
+                f"against {100 * TEACHER_MIN_TOP1:.0f}%.",
+                "",
+            ]
     any_student = next((r for r in records if r["kind"] == "student"), None)
     any_teacher = next(iter(teachers.values()), None)
     data = (any_student or any_teacher or records[0])["data"]
@@ -1003,7 +1046,11 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         "- Recipes: the student recipes and method settings were fixed before the study and not tuned. The "
         "teacher recipes were revised after earlier full runs fell short of 89% while still underfitting "
         "(training loss; validation accuracy equal to test): layer scale 1.0 for the ConvNeXt (chosen on a "
-        "held-out split), more epochs and a milder crop for both.",
+        "held-out split), more epochs and a milder crop for both. The students' augmentation was changed from a "
+        "pad-4 random crop to flips only after a first run of this study: on the students' cropped training "
+        "images the teachers were right only 50% (ViT) and 83% (ConvNeXt) of the time, and every distilled "
+        "student ended at or below scratch (a check on the training subset, not the test set; now recorded per "
+        "run below).",
         "- Inputs: 28×28 images padded to 32×32, one view for teacher and student. Same epochs, optimiser (AdamW, "
         "cosine schedule, 5% warm-up), batch size and augmentation for every method of a pair.",
     ]
@@ -1105,6 +1152,16 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         if teacher and scratch:
             gap = teacher["test_top1"] - scratch["test_mean"]
             lines.append(f"- Teacher minus scratch student: {100 * gap:+.2f} points.")
+        views = [
+            r["teacher_top1_on_training_view"]
+            for r in records
+            if r["kind"] == "student" and r["name"] == pair and r.get("teacher_top1_on_training_view") is not None
+        ]
+        if views:
+            lines.append(
+                f"- The teacher's top-1 on the students' training images as the students see them (augmented): "
+                f"{100 * statistics.mean(views):.2f}%."
+            )
         lines.append("")
     flagged = [r["run_id"] for r in records if r["loss_summary"]["non_finite"]]
     if flagged:

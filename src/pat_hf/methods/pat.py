@@ -122,8 +122,8 @@ class PerspectiveAwareTeaching(DistillationMethod):
         _init_student_side(self.aligners)
         # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
         self.feedback: list[torch.Tensor | None] = [None] * 4
-        # Hooks on the frozen teacher's blocks, installed on first use (a plain attribute, as the taps): with
-        # them, the prompted pass keeps only the blocks' inputs and recomputes each block in the backward.
+        # Hooks on the frozen teacher's blocks, installed on first use: with them, the prompted pass keeps only
+        # the blocks' inputs and recomputes each block in the backward.
         self.teacher_recompute: BlockRecompute | None = None
 
     # ---- the prompt hook ---------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         recompute = nullcontext()
         if self.checkpoint_teacher:
             if self.teacher_recompute is None:
-                object.__setattr__(self, "teacher_recompute", BlockRecompute(self.teacher_taps.blocks))
+                self.teacher_recompute = BlockRecompute(self.teacher_taps.blocks)
             recompute = self.teacher_recompute.active()
         try:
             with self.teacher_taps.capture() as features, recompute:
