@@ -1018,11 +1018,11 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         ]
     if debug:
         lines += ["> **Debug run**: training or evaluation sets were cut (max_train_images / max_steps).", ""]
-    seeds = sorted({r["seed"] for r in records if r["kind"] == "student"})
-    if not quick and seeds and len(seeds) < 3:
+    short = sorted({pair for (pair, variant), row in rows.items() if variant in METHODS and row["n"] < 3})
+    if not quick and short:
         lines += [
-            f"> **Partial study: {len(seeds)} seed(s)** ({', '.join(map(str, seeds))}; the study asks for at least "
-            "3). Without a seed spread no difference below can be called a win or a tie.",
+            f"> **Partial study**: fewer than the 3 seeds the study asks for on {', '.join(short)}. Without a seed "
+            "spread no difference there can be called a win or a tie.",
             "",
         ]
     for name, t in teachers.items():
