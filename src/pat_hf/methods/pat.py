@@ -173,16 +173,13 @@ class PerspectiveAwareTeaching(DistillationMethod):
         with torch.no_grad():
             plain_logits = teacher(batch.teacher_pixel_values)
         if self.checkpoint_teacher:
-            prompted_logits, teacher_features = self.prompted_teacher_forward(
-                teacher, batch.teacher_pixel_values, list(self.feedback)
-            )
+            prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
         with self.student_taps.capture() as student_features:
             logits = student_logits(student, batch.pixel_values)
         aligned = [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
         if not self.checkpoint_teacher:
-            prompted_logits, teacher_features = self.prompted_teacher_forward(
-                teacher, batch.teacher_pixel_values, list(self.feedback)
-            )
+            prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
+        prompted_logits, teacher_features = prompted
         targets = [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
         feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
         kd = kl_div_loss(logits, plain_logits, self.temperature)
