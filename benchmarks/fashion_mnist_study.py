@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from pat_hf.study import METHODS, PAIRS, StudyConfig, config_from_dict, run_study, write_report
+from pat_hf.study import METHODS, PAIRS, TEACHER_EPOCHS, StudyConfig, config_from_dict, run_study, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report from the JSON files")
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), help="pairs to run (default: all)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
-    parser.add_argument("--teacher-epochs", type=int, help="default: ViT 14, ConvNeXt 10")
+    parser.add_argument("--teacher-epochs", type=int, help=f"default: {TEACHER_EPOCHS}")
     parser.add_argument("--student-epochs", type=int, help=f"default {StudyConfig.student_epochs}")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--markdown", default="docs/results.md", help="where the results page goes")

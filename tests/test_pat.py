@@ -13,6 +13,7 @@ from transformers import ViTImageProcessor
 
 from conftest import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from pat_hf.methods.base import DistillationBatch
 from pat_hf.methods.pat import PerspectiveAwareTeaching
 from pat_hf.teacher import load_teacher
 
@@ -184,6 +185,57 @@ def test_recomputed_teacher_pass_gives_the_same_loss_and_gradients_with_fewer_sa
     # The teacher's blocks kept only their inputs.
     assert 0 < saved_a < 0.5 * saved_b, (saved_a, saved_b)
     assert all(p.grad is None for p in trainer.teacher.model.parameters())
+
+
+def test_prompt_effect_measures_what_the_prompts_change_and_restores_the_method(tmp_path):
+    trainer = pat_trainer(tmp_path, "convnext")
+    method, teacher, student = trainer.method, trainer.teacher, trainer.model.student
+    torch.manual_seed(1)
+    batches = [
+        DistillationBatch(
+            pixel_values=torch.randn(4, 3, 20, 20),
+            labels=torch.randint(0, 3, (4,)),
+            teacher_pixel_values=torch.randn(4, 3, *teacher.view.size),
+        )
+        for _ in range(2)
+    ]
+    feedback = [None] * 4
+    method.feedback = feedback
+    method.train()
+    student.train()
+
+    # beta = 0: the prompted teacher is the plain teacher.
+    effect = method.prompt_effect(student, teacher, batches)
+    assert effect["feature_change"] == [0.0] * 4 and effect["logit_kl"] == 0.0
+    assert effect["prompted_top1"] == effect["plain_top1"] and effect["images"] == 8
+    with torch.no_grad():
+        plain = torch.cat([teacher(b.teacher_pixel_values) for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    assert effect["plain_top1"] == (plain.argmax(-1) == labels).float().mean().item()
+    assert method.feedback is feedback and method.training and student.training
+
+    with torch.no_grad():
+        for stage, prompt in method.prompts.items():
+            prompt.beta.fill_(0.1 * int(stage))
+    # One batch: the relative change of each stage output, against a direct computation.
+    method.eval()
+    with torch.no_grad(), method.teacher_taps.capture() as plain_features:
+        teacher(batches[0].teacher_pixel_values)
+    with torch.no_grad():
+        _, prompted_features = method.prompted_teacher_forward(teacher, batches[0].teacher_pixel_values, [None] * 4)
+    expected = [float((p - q).norm() / q.norm()) for p, q in zip(prompted_features, plain_features)]
+    method.train()
+    effect = method.prompt_effect(student, teacher, batches[:1])
+    assert effect["feature_change"] == pytest.approx(expected, rel=1e-6) and min(expected) > 0
+    assert effect["beta"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
+
+    # Two batches: the second batch's prompts see the feedback of the first, as in training.
+    seen = []
+    for prompt in method.prompts.values():
+        prompt.register_forward_pre_hook(lambda mod, args: seen.append(args[1] is not None))
+    method.prompt_effect(student, teacher, batches)
+    assert seen == [False] * 4 + [True] * 4
+    assert method.feedback is feedback and method.training
 
 
 def test_feedback_never_reaches_evaluation(tmp_path):

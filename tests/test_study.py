@@ -132,6 +132,12 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     pat = next(r for r in records if r["run_id"] == "convnext_to_deit-pat-s0")
     assert {"loss_ce", "loss_kd", "loss_hcl", "loss_reg"} <= set(pat["loss_curve"][0])
     assert pat["method_settings"]["pat_dim"] == study.PAT_SETTINGS["pat_dim"]
+    # What the prompts did to the teacher, examined on 5 batches of 8 (the 40 subset images).
+    effect = pat["prompt_effect"]
+    assert effect["images"] == 40 and set(effect["beta"]) == {"1", "2", "3", "4"}
+    assert len(effect["feature_change"]) == 4 and all(c >= 0 for c in effect["feature_change"])
+    assert 0 <= effect["plain_top1"] <= 1 and 0 <= effect["prompted_top1"] <= 1 and effect["logit_kl"] >= 0
+    assert all(r.get("prompt_effect") is None for r in records if r.get("method_settings", {}).get("method") != "pat")
     ofa = next(r for r in records if r["run_id"] == "vit_to_resnet-ofa-s0")
     assert ofa["method_settings"]["ofa_weight"] == study.OFA_WEIGHTS["resnet"]
     assert os.path.isfile(os.path.join(out, "teachers", "vit", "config.json"))
@@ -158,6 +164,16 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
             assert f"| student, {pair}" in text and f"| {method} |" in text
     assert "Debug run" in text and "one seed each: no seed spread, no conclusion" in text
     assert "CPU:" in text and "--output-dir" in text
+    # Teachers train on the validation images too: their val figure is flagged as not held out.
+    assert text.count(" † | 1 | – |") == 2
+    assert (
+        "## What the prompts did to the teacher" in text
+        and text.count("| pat | 1 | +0.000, +0.000, +0.000, +0.000 |") == 2
+    )
+    # What one process per pair takes: each pair's runs, its teacher's included, added up.
+    for pair, teacher in (("vit_to_resnet", "vit"), ("convnext_to_deit", "convnext")):
+        minutes = sum(r["wall_seconds"] for r in records if r["name"] in (pair, teacher)) / 60
+        assert f"{pair}'s runs (teacher included) add up to {minutes:.1f} min" in text
     with open(figure, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(load_runs(out)) == len(expected)
@@ -222,3 +238,11 @@ def test_a_student_run_is_tied_to_its_teacher_recipe(monkeypatch):
         study._run_settings(StudyConfig(), study.RunSpec("student", "vit_to_resnet", "none", 0))["teacher_settings"]
         is None
     )
+
+
+def test_teacher_batch_size_is_per_recipe_unless_overridden():
+    teacher = study.RunSpec("teacher", "vit")
+    assert study._run_settings(StudyConfig(), teacher)["batch_size"] == study.TEACHER_BATCH_SIZE["vit"]
+    convnext = study._run_settings(StudyConfig(), study.RunSpec("teacher", "convnext"))
+    assert convnext["batch_size"] == study.TEACHER_BATCH_SIZE["convnext"]
+    assert study._run_settings(StudyConfig(teacher_batch_size=32), teacher)["batch_size"] == 32

@@ -13,6 +13,7 @@ Per training step (docs/methods.md has the full description and the deviations f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
 
@@ -174,13 +175,11 @@ class PerspectiveAwareTeaching(DistillationMethod):
             plain_logits = teacher(batch.teacher_pixel_values)
         if self.checkpoint_teacher:
             prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
-        with self.student_taps.capture() as student_features:
-            logits = student_logits(student, batch.pixel_values)
-        aligned = [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
+        logits, aligned = self._student_side(student, batch.pixel_values)
         if not self.checkpoint_teacher:
             prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
         prompted_logits, teacher_features = prompted
-        targets = [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
+        targets = self._targets(teacher_features)
         feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
         kd = kl_div_loss(logits, plain_logits, self.temperature)
         reg = kl_div_loss(prompted_logits, plain_logits, self.temperature)
@@ -192,6 +191,77 @@ class PerspectiveAwareTeaching(DistillationMethod):
             parts["ce"] = ce.detach()
         self.feedback = [(a - t).detach() for a, t in zip(aligned, targets)]
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
+
+    def _student_side(self, student: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's logits and its aligned features ``A_s`` (RAA, then the aligners)."""
+        with self.student_taps.capture() as student_features:
+            logits = student_logits(student, pixel_values)
+        return logits, [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
+
+    def _targets(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
+
+    # ---- diagnostics -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prompt_effect(
+        self, student: nn.Module, teacher: Teacher, batches: Iterable[DistillationBatch]
+    ) -> dict[str, Any]:
+        """What the prompts do to the teacher, replayed over ``batches`` as in training: each batch's prompts
+        see the feedback of the batch before it (the first sees the method's current feedback, if its batch
+        size matches). Student, heads and prompts run in eval mode; nothing is updated, and the method's feedback
+        and modes are restored afterwards.
+
+        Args:
+            student: The student the feedback comes from.
+            teacher: The frozen teacher.
+            batches: Batches with ``teacher_pixel_values`` (and labels, for the top-1 figures).
+
+        Returns:
+            ``beta`` (stage -> the prompt's learned scale), ``feature_change`` (per teacher stage, the mean over
+            batches of ``‖F_t − F_t0‖ / ‖F_t0‖``, prompted against plain stage output), ``plain_top1`` and
+            ``prompted_top1`` (the teacher's top-1 without and with prompts; None without labels),
+            ``logit_kl`` (mean ``KL(z_t ‖ z_t0)`` at T = 1) and ``images``.
+        """
+        modes = (student.training, self.training)
+        feedback = self.feedback  # reassigned below, never changed in place
+        student.eval()
+        self.eval()
+        changes: list[list[float]] = [[] for _ in range(4)]
+        kl: list[float] = []
+        correct = {"plain": 0, "prompted": 0}
+        images = labelled = 0
+        try:
+            for batch in batches:
+                pixels = batch.teacher_pixel_values
+                with self.teacher_taps.capture() as plain_features:
+                    plain_logits = teacher(pixels)
+                plain_features = list(plain_features)
+                prompted_logits, prompted_features = self.prompted_teacher_forward(teacher, pixels, self.feedback)
+                for stage, (p, q) in enumerate(zip(prompted_features, plain_features)):
+                    changes[stage].append(float((p - q).float().norm() / q.float().norm().clamp_min(1e-12)))
+                kl.append(float(kl_div_loss(prompted_logits.float(), plain_logits.float(), 1.0)))
+                images += pixels.shape[0]
+                if batch.labels is not None:
+                    labels = batch.labels.to(plain_logits.device)
+                    correct["plain"] += int((plain_logits.argmax(-1) == labels).sum())
+                    correct["prompted"] += int((prompted_logits.argmax(-1) == labels).sum())
+                    labelled += labels.shape[0]
+                # The next batch's prompts see this batch's feedback, as in a training step.
+                _, aligned = self._student_side(student, batch.pixel_values)
+                self.feedback = [(a - t).detach() for a, t in zip(aligned, self._targets(prompted_features))]
+        finally:
+            self.feedback = feedback
+            student.train(modes[0])
+            self.train(modes[1])
+        return {
+            "beta": {stage: float(self.prompts[str(stage)].beta) for stage in self.prompt_stages},
+            "feature_change": [sum(c) / len(c) if c else None for c in changes],
+            "plain_top1": correct["plain"] / labelled if labelled else None,
+            "prompted_top1": correct["prompted"] / labelled if labelled else None,
+            "logit_kl": sum(kl) / len(kl) if kl else None,
+            "images": images,
+        }
 
     # ---- state -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,85 @@
+"""Chooses the study's ViT teacher recipe on held-out data: each candidate trains on the 55,000 training images
+outside the study's validation split and is scored on that split after every epoch (never on the test set).
+
+The study's teachers then train on all 60,000 images, so their own validation score is not held out; this sweep
+is where the recipe choice is made. Candidates are compared at roughly equal compute (one thread each).
+
+    OMP_NUM_THREADS=1 python benchmarks/vit_teacher_sweep.py --hidden 96 --batch 64 --epochs 2 &
+    OMP_NUM_THREADS=1 python benchmarks/vit_teacher_sweep.py --hidden 64 --batch 64 --epochs 4 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pat_hf import study
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=96)
+    parser.add_argument("--mlp-ratio", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--pad", type=int, default=0, help="Random-crop padding (0: flips only).")
+    parser.add_argument("--out", default="outputs/vit_sweep")
+    args = parser.parse_args()
+
+    from pat_hf.trainer import PATDistillationTrainer
+
+    config = study.StudyConfig(output_dir=args.out)
+    data = study.load_study_data(config)
+    held_out = np.setdiff1d(np.arange(len(data.train_labels)), data.val)
+    torch.manual_seed(0)
+    model, processor = study.build_teacher("vit")
+    recipe = dict(hidden_size=args.hidden, intermediate_size=args.hidden * args.mlp_ratio)
+    recipe.update(num_hidden_layers=args.layers, num_attention_heads=args.heads)
+    # Rebuild with the candidate's shape (build_teacher gives the labels and the processor).
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(**{**model.config.to_dict(), **recipe})
+    torch.manual_seed(0)
+    model = ViTForImageClassification(cfg)
+    with tempfile.TemporaryDirectory() as work:
+        trainer = PATDistillationTrainer(
+            model=model,
+            args=study._training_args(
+                config,
+                work,
+                epochs=args.epochs,
+                batch_size=args.batch,
+                lr=args.lr,
+                seed=0,
+                distill_method="none",
+                eval_strategy="epoch",
+            ),
+            data_collator=study.TensorBatchCollator(pad=args.pad),
+            train_dataset=study.FashionTensors(data.train_images, data.train_labels, held_out, augment=True),
+            eval_dataset=study.FashionTensors(data.train_images, data.train_labels, data.val),
+            processing_class=processor,
+            compute_metrics=study.top1_metrics,
+        )
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+    curve = [round(e["eval_accuracy"], 4) for e in trainer.state.log_history if "eval_accuracy" in e]
+    result = {**vars(args), "params": study.count_params(model), "seconds": round(seconds), "val_curve": curve}
+    print(json.dumps(result))
+    os.makedirs(args.out, exist_ok=True)
+    name = f"h{args.hidden}-l{args.layers}-b{args.batch}-e{args.epochs}-p{args.pad}-lr{args.lr}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
