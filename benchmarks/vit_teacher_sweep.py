@@ -22,7 +22,7 @@ import torch
 from pat_hf import study
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--mlp-ratio", type=int, default=2)
@@ -33,13 +33,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--pad", type=int, default=0, help="Random-crop padding (0: flips only).")
     parser.add_argument("--out", default="outputs/vit_sweep")
-    args = parser.parse_args()
+    parser.add_argument("--max-train-images", type=int, help=argparse.SUPPRESS)  # tests only
+    parser.add_argument("--max-eval-images", type=int, help=argparse.SUPPRESS)  # tests only
+    args = parser.parse_args(argv)
 
     from pat_hf.trainer import PATDistillationTrainer
 
     config = study.StudyConfig(output_dir=args.out)
     data = study.load_study_data(config)
-    held_out = np.setdiff1d(np.arange(len(data.train_labels)), data.val)
+    held_out = np.setdiff1d(np.arange(len(data.train_labels)), data.val)[: args.max_train_images]
+    val = data.val[: args.max_eval_images]
     torch.manual_seed(0)
     model, processor = study.build_teacher("vit")
     recipe = dict(hidden_size=args.hidden, intermediate_size=args.hidden * args.mlp_ratio)
@@ -65,7 +68,7 @@ def main() -> None:
             ),
             data_collator=study.TensorBatchCollator(pad=args.pad),
             train_dataset=study.FashionTensors(data.train_images, data.train_labels, held_out, augment=True),
-            eval_dataset=study.FashionTensors(data.train_images, data.train_labels, data.val),
+            eval_dataset=study.FashionTensors(data.train_images, data.train_labels, val),
             processing_class=processor,
             compute_metrics=study.top1_metrics,
         )
@@ -73,12 +76,20 @@ def main() -> None:
         trainer.train()
         seconds = time.time() - start
     curve = [round(e["eval_accuracy"], 4) for e in trainer.state.log_history if "eval_accuracy" in e]
-    result = {**vars(args), "params": study.count_params(model), "seconds": round(seconds), "val_curve": curve}
+    result = {
+        **vars(args),
+        "train_images": len(held_out),
+        "val_images": len(val),
+        "params": study.count_params(model),
+        "seconds": round(seconds),
+        "val_curve": curve,
+    }
     print(json.dumps(result))
     os.makedirs(args.out, exist_ok=True)
     name = f"h{args.hidden}-l{args.layers}-b{args.batch}-e{args.epochs}-p{args.pad}-lr{args.lr}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

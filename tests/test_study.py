@@ -246,3 +246,16 @@ def test_teacher_batch_size_is_per_recipe_unless_overridden():
     convnext = study._run_settings(StudyConfig(), study.RunSpec("teacher", "convnext"))
     assert convnext["batch_size"] == study.TEACHER_BATCH_SIZE["convnext"]
     assert study._run_settings(StudyConfig(teacher_batch_size=32), teacher)["batch_size"] == 32
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-fashion-mnist")
+def test_vit_sweep_trains_outside_the_validation_split_and_scores_it(tmp_path):
+    spec = importlib.util.spec_from_file_location("vit_sweep", os.path.join(ROOT, "benchmarks", "vit_teacher_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    argv = ["--hidden", "16", "--layers", "1", "--epochs", "2", "--batch", "32", "--out", str(tmp_path)]
+    result = sweep.main(argv + ["--max-train-images", "64", "--max-eval-images", "48"])
+    assert result["train_images"] == 64 and result["val_images"] == 48 and len(result["val_curve"]) == 2
+    assert all(0 <= v <= 1 for v in result["val_curve"]) and result["params"] < 20_000
+    saved = json.loads((tmp_path / "h16-l1-b32-e2-p0-lr0.002.json").read_text())
+    assert saved["val_curve"] == result["val_curve"]
