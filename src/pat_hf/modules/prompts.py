@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaptiveFeedbackPrompt", "SqueezeExciteGate", "region_sums"]
+__all__ = ["AdaptiveFeedbackPrompt", "SqueezeExciteGate", "region_sums", "tap_windows"]
 
 KERNEL = 5
 PAD = KERNEL // 2
@@ -43,11 +43,21 @@ class SqueezeExciteGate(nn.Module):
         return torch.sigmoid(self.expand(F.relu(self.reduce(mean))))
 
 
+def tap_windows(size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(5, size) indicator: row ``i`` marks the positions that tap ``i`` of a 5-wide, padding-2 convolution
+    reads along one axis of length ``size``, i.e. ``[max(0, i-2), size + min(0, i-2))``."""
+    positions = torch.arange(size, device=device)
+    offsets = torch.arange(KERNEL, device=device)[:, None] - PAD
+    return ((positions >= offsets.clamp(min=0)) & (positions < size + offsets.clamp(max=0))).to(dtype)
+
+
 def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of ``x`` over the region each tap of a 5x5, padding-2 convolution reads.
 
     For kernel index (i, j) the convolution reads input rows ``[max(0, i-2), H + min(0, i-2))`` and the
-    matching columns; the sum of the input over that rectangle is all a spatial mean of the output needs.
+    matching columns. The regions are rectangles, so the sums are ``R @ x @ Cᵀ`` with the (5, H) and (5, W)
+    indicators of :func:`tap_windows`: one GEMM reads the map once (``x @ Cᵀ``, 5 outputs per row), and its
+    backward writes the map's gradient once (rather than summing several full-size slice gradients).
 
     Args:
         x: (B, C, H, W).
@@ -57,36 +67,10 @@ def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype. Taps that read nothing (|offset| >= size) have sum and count 0.
     """
     height, width = x.shape[-2:]
-    col_sums = x.sum(dim=2)  # (B, C, W): one pass over the map; everything below is O(B·C·(H+W))
-    row_sums = x.sum(dim=3)  # (B, C, H)
-
-    def restricted(total: torch.Tensor, lines: torch.Tensor, offset: int) -> torch.Tensor:
-        # Remove the first `offset` lines (offset > 0) or the last `-offset` lines (offset < 0); slices clamp,
-        # so an offset beyond the size leaves nothing.
-        if offset > 0:
-            return total - lines[..., :offset].sum(-1)
-        if offset < 0:
-            return total - lines[..., offset:].sum(-1)
-        return total
-
-    total = col_sums.sum(-1)  # (B, C)
-    rows = []
-    for i in range(KERNEL):
-        di = i - PAD
-        # Column profile of the rows this tap row reads: all rows minus the excluded top/bottom rows.
-        if di > 0:
-            profile = col_sums - x[:, :, :di, :].sum(2)
-        elif di < 0:
-            profile = col_sums - x[:, :, di:, :].sum(2)
-        else:
-            profile = col_sums
-        row_total = restricted(total, row_sums, di)
-        rows.append(torch.stack([restricted(row_total, profile, j - PAD) for j in range(KERNEL)], dim=-1))
-    sums = torch.stack(rows, dim=-2)  # (B, C, 5, 5)
-    offsets = torch.arange(KERNEL, device=x.device) - PAD
-    count_h = (height - offsets.abs()).clamp(min=0)
-    count_w = (width - offsets.abs()).clamp(min=0)
-    counts = (count_h[:, None] * count_w[None, :]).to(x.dtype)
+    rows = tap_windows(height, x.device, x.dtype)
+    cols = tap_windows(width, x.device, x.dtype)
+    sums = rows @ (x @ cols.t())  # (B, C, H, 5), then (B, C, 5, 5)
+    counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]
     return sums, counts
 
 
