@@ -25,12 +25,23 @@ def randomise(block: nn.Module) -> None:
         nn.init.normal_(p, std=0.3)
 
 
+def token_grid(batch: int, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A channels-last (B, C, H, W) view of (B, H·W, C) tokens, as the taps hand a token teacher's grid over."""
+    tokens = torch.randn(batch, size[0] * size[1], channels, dtype=torch.float64)
+    return tokens.transpose(1, 2).reshape(batch, channels, *size)
+
+
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (3, 5), (7, 7), (8, 6), (14, 14)])
 @pytest.mark.parametrize("with_feedback", [False, True])
-def test_closed_form_matches_convolutions(size, with_feedback):
+@pytest.mark.parametrize("layout", ["maps", "tokens"])
+def test_closed_form_matches_convolutions(size, with_feedback, layout):
     block = AdaptiveFeedbackPrompt(8).double()
     randomise(block)
-    x = torch.randn(3, 8, *size, dtype=torch.float64, requires_grad=True)
+    if layout == "tokens":
+        x = token_grid(3, 8, size).requires_grad_(True)
+        assert x.stride(1) == 1 and (not x.is_contiguous() or size == (1, 1))  # the channels-last path
+    else:
+        x = torch.randn(3, 8, *size, dtype=torch.float64, requires_grad=True)
     fb = torch.randn(3, 8, *size, dtype=torch.float64, requires_grad=True) if with_feedback else None
     fast = block.prompt(x, fb)
     slow = reference_prompt(block, x, fb)
@@ -54,8 +65,9 @@ def test_closed_form_in_float32_is_close():
     torch.testing.assert_close(block.prompt(x), reference_prompt(block, x, None), rtol=1e-4, atol=1e-5)
 
 
-def test_region_sums_against_explicit_loops():
-    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+@pytest.mark.parametrize("layout", ["maps", "tokens"])
+def test_region_sums_against_explicit_loops(layout):
+    x = token_grid(2, 3, (4, 6)) if layout == "tokens" else torch.randn(2, 3, 4, 6, dtype=torch.float64)
     sums, counts = region_sums(x)
     for i in range(5):
         for j in range(5):

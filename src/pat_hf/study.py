@@ -1040,7 +1040,8 @@ def _prompt_effect_lines(
             if not effects:
                 continue
             stages = sorted({int(k) for e in effects for k in e["beta"]})
-            beta = ", ".join(f"{statistics.mean(e['beta'][str(st)] for e in effects):+.3f}" for st in stages)
+            # Magnitudes: the sign of β is arbitrary (the prompt's last convolution can absorb it); signed means cancel.
+            beta = ", ".join(f"{statistics.mean(abs(e['beta'][str(st)]) for e in effects):.3f}" for st in stages)
             change = ", ".join(
                 f"{100 * statistics.mean(e['feature_change'][i] for e in effects):.1f}" for i in range(4)
             )
@@ -1059,12 +1060,12 @@ def _prompt_effect_lines(
         "",
         f"Measured after training on {images:,} of the students' training images as the students see them, each "
         "batch's prompts fed the previous batch's feedback as in training (student, heads and prompts in eval "
-        "mode); means over the runs that recorded it. β: each prompted stage's learned scale (0 at the start: "
-        "the plain teacher). Stage change: ‖F_t − F_t0‖ / ‖F_t0‖, the prompted teacher's stage outputs "
+        "mode); means over the runs that recorded it. Magnitude of β: the size of each prompted stage's learned scale (0 at the "
+        "start: the plain teacher; its sign is arbitrary). Stage change: ‖F_t − F_t0‖ / ‖F_t0‖, the prompted teacher's stage outputs "
         "(what HCL aligns the student to) against the plain teacher's. Top-1: the teacher without and with the "
         "prompts on those images. KL: KL(z_t ‖ z_t0), what the regulariser penalises.",
         "",
-        "| pair | variant | runs | β (prompted stages) | stage change, stages 1–4 (%) | teacher top-1, plain → prompted (%) "
+        "| pair | variant | runs | magnitude of β (prompted stages) | stage change, stages 1–4 (%) | teacher top-1, plain → prompted (%) "
         "| KL |",
         "|---|---|---|---|---|---|---|",
         *table,

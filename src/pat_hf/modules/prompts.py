@@ -20,10 +20,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaptiveFeedbackPrompt", "SqueezeExciteGate", "region_sums", "tap_windows"]
+__all__ = ["AdaptiveFeedbackPrompt", "SqueezeExciteGate", "pointwise", "region_sums", "tap_windows", "valid_conv"]
 
 KERNEL = 5
 PAD = KERNEL // 2
+
+
+def pointwise(x: torch.Tensor, conv: nn.Conv2d, bias: bool = True) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 convolution (any groups) as one matrix product per group (``bias=False``:
+    without the convolution's bias).
+
+    The closed form applies its 1x1 convolutions to (B, C, 5, 5) summaries and (B, C, 1, 1) gates; on maps
+    that small, oneDNN's convolution kernels (and above all their backward) cost several times the GEMM.
+    Batch and positions form one matrix dimension, so the weight's gradient is a single product too (a
+    per-sample broadcast weight would materialise B copies of it).
+    """
+    batch, channels = x.shape[:2]
+    groups = conv.groups
+    weight = conv.weight.view(groups, conv.out_channels // groups, channels // groups)
+    columns = x.reshape(batch, groups, channels // groups, -1).permute(1, 2, 0, 3)  # (g, in/g, B, positions)
+    y = torch.bmm(weight, columns.reshape(groups, channels // groups, -1))  # (g, out/g, B · positions)
+    y = y.view(groups, conv.out_channels // groups, batch, -1).permute(2, 0, 1, 3)
+    y = y.reshape(batch, conv.out_channels, *x.shape[2:])
+    return y if conv.bias is None or not bias else y + conv.bias.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def valid_conv(v: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The (B, C_out, 1, 1) output of ``conv`` (k x k, any groups, bias left out) over a (B, C_in, k, k) input
+    without padding, as one matrix product per group (see :func:`pointwise`)."""
+    batch = v.shape[0]
+    groups = conv.groups
+    weight = conv.weight.reshape(groups, conv.out_channels // groups, -1)  # (g, out/g, in/g · k · k)
+    rows = v.reshape(batch, groups, -1).transpose(0, 1)  # (g, B, in/g · k · k)
+    y = torch.bmm(rows, weight.transpose(1, 2))  # (g, B, out/g)
+    return y.transpose(0, 1).reshape(batch, conv.out_channels, 1, 1)
 
 
 class SqueezeExciteGate(nn.Module):
@@ -40,7 +70,7 @@ class SqueezeExciteGate(nn.Module):
 
     def gate_from_mean(self, mean: torch.Tensor) -> torch.Tensor:
         """The gate given the spatial mean (B, C, 1, 1) directly (the closed form computes that mean)."""
-        return torch.sigmoid(self.expand(F.relu(self.reduce(mean))))
+        return torch.sigmoid(pointwise(F.relu(pointwise(mean, self.reduce)), self.expand))
 
 
 def tap_windows(size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -55,9 +85,10 @@ def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of ``x`` over the region each tap of a 5x5, padding-2 convolution reads.
 
     For kernel index (i, j) the convolution reads input rows ``[max(0, i-2), H + min(0, i-2))`` and the
-    matching columns. The regions are rectangles, so the sums are ``R @ x @ Cᵀ`` with the (5, H) and (5, W)
-    indicators of :func:`tap_windows`: one GEMM reads the map once (``x @ Cᵀ``, 5 outputs per row), and its
-    backward writes the map's gradient once (rather than summing several full-size slice gradients).
+    matching columns (:func:`tap_windows`). The 25 sums are one matrix product of the map's H·W positions with
+    a (25, H·W) indicator: it reads the map once, and its backward writes the map's gradient once (rather than
+    summing several full-size slice gradients). A map that is a channels-last view (a token grid) is taken as
+    (B, H·W, C) as it lies in memory, without a copy.
 
     Args:
         x: (B, C, H, W).
@@ -66,33 +97,37 @@ def region_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(sums, counts)``: sums (B, C, 5, 5) and the number of input positions per tap (5, 5), both in x's
         dtype. Taps that read nothing (|offset| >= size) have sum and count 0.
     """
-    height, width = x.shape[-2:]
+    batch, channels, height, width = x.shape
     rows = tap_windows(height, x.device, x.dtype)
     cols = tap_windows(width, x.device, x.dtype)
-    sums = rows @ (x @ cols.t())  # (B, C, H, 5), then (B, C, 5, 5)
+    windows = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(KERNEL * KERNEL, height * width)
+    if x.stride(1) == 1 and not x.is_contiguous():
+        sums = (windows @ x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)).transpose(1, 2)
+    else:
+        sums = x.reshape(batch, channels, height * width) @ windows.t()
     counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]
-    return sums, counts
+    return sums.reshape(batch, channels, KERNEL, KERNEL), counts
 
 
-def _affine_mean(parts: list[torch.Tensor], pointwise: nn.Conv2d, spatial: nn.Conv2d, after: nn.Conv2d) -> torch.Tensor:
-    """Spatial mean of ``after(spatial(pointwise(cat(parts, dim=1))))`` without running the 5x5 conv over the map.
+def _affine_mean(parts: list[torch.Tensor], first: nn.Conv2d, spatial: nn.Conv2d, after: nn.Conv2d) -> torch.Tensor:
+    """Spatial mean of ``after(spatial(first(cat(parts, dim=1))))`` without running the 5x5 conv over the map.
 
-    ``pointwise`` is 1x1 (any groups), ``spatial`` 5x5 with padding 2 (any groups), ``after`` 1x1. Region sums
+    ``first`` is 1x1 (any groups), ``spatial`` 5x5 with padding 2 (any groups), ``after`` 1x1. Region sums
     are taken per part: they are per-channel, so concatenating the small summaries equals summarising the
     concatenated map, without a full-size copy of it.
     """
     height, width = parts[0].shape[-2:]
     summaries = [region_sums(part) for part in parts]
     sums, counts = torch.cat([summary for summary, _ in summaries], dim=1), summaries[0][1]
-    # Region sums of pointwise(x): the 1x1 conv maps sums linearly, its bias counts once per position.
-    v = F.conv2d(sums, pointwise.weight, None, groups=pointwise.groups)
-    if pointwise.bias is not None:
-        v = v + pointwise.bias.view(1, -1, 1, 1) * counts
+    # Region sums of first(x): the 1x1 conv maps sums linearly, its bias counts once per position.
+    v = pointwise(sums, first, bias=False)
+    if first.bias is not None:
+        v = v + first.bias.view(1, -1, 1, 1) * counts
     # A 'valid' 5x5 conv over the (5, 5) summary = the sum of the padded conv's output over all positions.
-    mean = F.conv2d(v, spatial.weight, None, groups=spatial.groups) / (height * width)
+    mean = valid_conv(v, spatial) / (height * width)
     if spatial.bias is not None:
         mean = mean + spatial.bias.view(1, -1, 1, 1)
-    return after(mean)
+    return pointwise(mean, after)
 
 
 class AdaptiveFeedbackPrompt(nn.Module):
@@ -138,14 +173,14 @@ class AdaptiveFeedbackPrompt(nn.Module):
             gate = self.fuse_se.gate_from_mean(
                 _affine_mean([x, feedback], self.fuse_in, self.fuse_spatial, self.fuse_mix)
             )
-            source = self.fuse_out(gate)  # (B, C, 1, 1): the SE gate is spatially constant
+            source = pointwise(gate, self.fuse_out)  # (B, C, 1, 1): the SE gate is spatially constant
         if self.spatial:
             u = self.prompt_mix(self.prompt_spatial(self.prompt_in(source)))
             return self.prompt_out(u * self.prompt_se(u))
         gate = self.prompt_se.gate_from_mean(
             _affine_mean([source], self.prompt_in, self.prompt_spatial, self.prompt_mix)
         )
-        return self.prompt_out(gate)
+        return pointwise(gate, self.prompt_out)
 
     def forward(self, x: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
         """``x + beta * prompt(x, feedback)``; x is (B, C, H, W), feedback (B, C, H, W) or None."""
