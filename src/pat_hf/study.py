@@ -763,18 +763,15 @@ def _prompt_effect(
     different from the plain teacher's, and is the prompted teacher still right?"""
     from .methods.base import DistillationBatch
 
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    collator = TensorBatchCollator(pad=STUDENT_CROP_PAD)
-    dataset = FashionTensors(data.train_images, data.train_labels, indices, augment=True)
     size = config.student_batch_size
+    # Full batches only: a smaller one would get no feedback (as in training).
+    views = _training_view_batches(data, indices[: PROMPT_EFFECT_BATCHES * size], seed, size)
     device = next(student.parameters()).device
     batches = []
-    for start in range(0, min(len(dataset), PROMPT_EFFECT_BATCHES * size) - size + 1, size):
-        batch = collator([dataset[i] for i in range(start, start + size)])
-        pixels = batch["pixel_values"].to(device)
-        batches.append(DistillationBatch(pixel_values=pixels, labels=batch["labels"], teacher_pixel_values=pixels))
-    torch.set_rng_state(generator_state)
+    for view in views:
+        if len(view["labels"]) == size:
+            pixels = view["pixel_values"].to(device)
+            batches.append(DistillationBatch(pixel_values=pixels, labels=view["labels"], teacher_pixel_values=pixels))
     if not batches:
         return None
     effect = trainer.method.prompt_effect(student, trainer.teacher, batches)
@@ -786,21 +783,29 @@ def _prompt_effect(
 def _teacher_top1_on_training_view(teacher: torch.nn.Module, data: StudyData, indices: np.ndarray, seed: int) -> float:
     """The teacher's top-1 on the student's training images as the student sees them (one augmented draw): a
     teacher that is wrong on these views distils its mistakes, whatever the method."""
+    device = next(teacher.parameters()).device
+    correct = 0
+    teacher.eval()
+    for batch in _training_view_batches(data, indices, seed, 512):
+        logits = teacher(pixel_values=batch["pixel_values"].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+    return correct / max(len(indices), 1)
+
+
+def _training_view_batches(data: StudyData, indices: np.ndarray, seed: int, size: int) -> list[dict[str, Any]]:
+    """The images at ``indices`` as the students see them in training (one augmented draw, seeded), in batches
+    of ``size``; the global RNG is restored, so a run draws the same numbers as without these checks."""
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     collator = TensorBatchCollator(pad=STUDENT_CROP_PAD)
     dataset = FashionTensors(data.train_images, data.train_labels, indices, augment=True)
-    device = next(teacher.parameters()).device
-    correct = 0
     try:
-        teacher.eval()
-        for start in range(0, len(dataset), 512):
-            batch = collator([dataset[i] for i in range(start, min(start + 512, len(dataset)))])
-            logits = teacher(pixel_values=batch["pixel_values"].to(device)).logits
-            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
+        return [
+            collator([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+            for start in range(0, len(dataset), size)
+        ]
     finally:
-        torch.set_rng_state(generator_state)  # the student's run draws the same numbers as without this check
-    return correct / max(len(dataset), 1)
+        torch.set_rng_state(generator_state)
 
 
 def _run_path(config: StudyConfig, spec: RunSpec) -> str:
