@@ -1,7 +1,7 @@
 """The Fashion-MNIST study machinery: data splits, tensor augmentation, resumable runs and the generated report.
 
 The runs here are tiny (synthetic images, one optimiser step per component); the study itself is run with
-``benchmarks/fashion_mnist_study.py`` (``--quick`` takes 8-15 minutes on 2 CPU cores, too long for CI).
+``benchmarks/fashion_mnist_study.py`` (``--quick`` took 7.5 minutes on 2 CPU cores, too long for the test suite).
 """
 
 from __future__ import annotations
