@@ -44,15 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = np.setdiff1d(np.arange(len(data.train_labels)), data.val)[: args.max_train_images]
     val = data.val[: args.max_eval_images]
     torch.manual_seed(0)
-    model, processor = study.build_teacher("vit")
-    recipe = dict(hidden_size=args.hidden, intermediate_size=args.hidden * args.mlp_ratio)
-    recipe.update(num_hidden_layers=args.layers, num_attention_heads=args.heads)
-    # Rebuild with the candidate's shape (build_teacher gives the labels and the processor).
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(**{**model.config.to_dict(), **recipe})
-    torch.manual_seed(0)
-    model = ViTForImageClassification(cfg)
+    model, processor = study.build_teacher(
+        "vit",
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * args.mlp_ratio,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+    )
     with tempfile.TemporaryDirectory() as work:
         trainer = PATDistillationTrainer(
             model=model,

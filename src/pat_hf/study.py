@@ -340,8 +340,9 @@ def _view_overlay() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_teacher(name: str) -> tuple[torch.nn.Module, Any]:
-    """A randomly initialised teacher of the study and its image processor (32 px, Fashion-MNIST statistics)."""
+def build_teacher(name: str, **overrides: Any) -> tuple[torch.nn.Module, Any]:
+    """A randomly initialised teacher of the study and its image processor (32 px, Fashion-MNIST statistics);
+    ``overrides`` replace entries of its recipe (candidate shapes in ``benchmarks/vit_teacher_sweep.py``)."""
     from transformers import (
         ConvNextConfig,
         ConvNextForImageClassification,
@@ -350,7 +351,7 @@ def build_teacher(name: str) -> tuple[torch.nn.Module, Any]:
         ViTImageProcessor,
     )
 
-    recipe = {k: v for k, v in TEACHER_RECIPES[name].items() if k != "architecture"}
+    recipe = {k: v for k, v in {**TEACHER_RECIPES[name], **overrides}.items() if k != "architecture"}
     labels = {
         "num_labels": len(FASHION_MNIST_CLASSES),
         "id2label": dict(enumerate(FASHION_MNIST_CLASSES)),
@@ -1288,6 +1289,7 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         )
     total = sum(r["wall_seconds"] for r in records)
     elapsed = _elapsed_seconds(records)
+    pair_seconds = _pair_seconds(records)
     versions = records[-1].get("versions", {})
     lines += [
         "",
@@ -1298,14 +1300,9 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
             else ""
         )
         + "".join(
-            f"; {pair}'s runs (teacher included) add up to {sec / 60:.1f} min"
-            for pair, sec in _pair_seconds(records).items()
+            f"; {pair}'s runs (teacher included) add up to {sec / 60:.1f} min" for pair, sec in pair_seconds.items()
         )
-        + (
-            " (with one process per pair the study takes about the longest of these)"
-            if len(_pair_seconds(records)) > 1
-            else ""
-        )
+        + (" (with one process per pair the study takes about the longest of these)" if len(pair_seconds) > 1 else "")
         + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + ".",
