@@ -21,7 +21,18 @@ import os
 import subprocess
 import sys
 
-from pat_hf.study import METHODS, PAIRS, TEACHER_EPOCHS, StudyConfig, config_from_dict, run_study, write_report
+# Run as a script, Python puts benchmarks/ on the path, not the repository root that holds the study package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.fashion_mnist import (
+    METHODS,
+    PAIRS,
+    TEACHER_EPOCHS,
+    StudyConfig,
+    config_from_dict,
+    run_study,
+    write_report,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,13 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from pat_hf import study
+# Run as a script, Python puts benchmarks/ on the path, not the repository root that holds the study package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.fashion_mnist import (
+    IMAGE_SIZE,
+    FashionTensors,
+    StudyConfig,
+    build_teacher,
+    count_params,
+    load_study_data,
+    top1_metrics,
+)
+from benchmarks.fashion_mnist.training import _training_args
+from pat_hf.data import TensorBatchCollator
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pat_hf.trainer import PATDistillationTrainer
 
-    config = study.StudyConfig(output_dir=args.out)
-    data = study.load_study_data(config)
+    config = StudyConfig(output_dir=args.out)
+    data = load_study_data(config)
     held_out = np.setdiff1d(np.arange(len(data.train_labels)), data.val)[: args.max_train_images]
     val = data.val[: args.max_eval_images]
     torch.manual_seed(0)
-    model, processor = study.build_teacher(
+    model, processor = build_teacher(
         "vit",
         hidden_size=args.hidden,
         intermediate_size=args.hidden * args.mlp_ratio,
@@ -54,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         trainer = PATDistillationTrainer(
             model=model,
-            args=study._training_args(
+            args=_training_args(
                 config,
                 work,
                 epochs=args.epochs,
@@ -64,11 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
                 distill_method="none",
                 eval_strategy="epoch",
             ),
-            data_collator=study.TensorBatchCollator(pad=args.pad),
-            train_dataset=study.FashionTensors(data.train_images, data.train_labels, held_out, augment=True),
-            eval_dataset=study.FashionTensors(data.train_images, data.train_labels, val),
+            data_collator=TensorBatchCollator(pad=args.pad, image_size=IMAGE_SIZE),
+            train_dataset=FashionTensors(data.train_images, data.train_labels, held_out, augment=True),
+            eval_dataset=FashionTensors(data.train_images, data.train_labels, val),
             processing_class=processor,
-            compute_metrics=study.top1_metrics,
+            compute_metrics=top1_metrics,
         )
         start = time.time()
         trainer.train()
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         **vars(args),
         "train_images": len(held_out),
         "val_images": len(val),
-        "params": study.count_params(model),
+        "params": count_params(model),
         "seconds": round(seconds),
         "val_curve": curve,
     }

@@ -18,8 +18,7 @@ from pat_hf import (
     load_fashion_mnist,
     with_image_transforms,
 )
-from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
-from pat_hf.demo import balanced_subset
+from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, balanced_subset
 
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
 # CI installs the package: there a missing file is a failure, not a skip.

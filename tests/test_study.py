@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pat_hf import study
-from pat_hf.data import FASHION_MNIST_DIR
-from pat_hf.study import StudyConfig, StudyData, TensorBatchCollator, load_runs, plan_runs, run_study, write_report
+import benchmarks.fashion_mnist as study
+from benchmarks.fashion_mnist import StudyConfig, StudyData, load_runs, plan_runs, run_study, write_report
+from benchmarks.fashion_mnist import runs as study_runs
+from pat_hf.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorBatchCollator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
@@ -69,9 +70,9 @@ def test_collator_pads_crops_flips_and_normalises():
     items = [{"image": img, "labels": i, "augment": False} for i, img in enumerate(images)]
     plain = TensorBatchCollator()(items)
     assert plain["pixel_values"].shape == (6, 3, 32, 32) and plain["labels"].tolist() == list(range(6))
-    expected = (images.float() / 255 - study.FASHION_MNIST_MEAN[0]) / study.FASHION_MNIST_STD[0]
+    expected = (images.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
     torch.testing.assert_close(plain["pixel_values"][:, 1, 2:30, 2:30], expected)
-    background = -study.FASHION_MNIST_MEAN[0] / study.FASHION_MNIST_STD[0]
+    background = -FASHION_MNIST_MEAN[0] / FASHION_MNIST_STD[0]
     torch.testing.assert_close(plain["pixel_values"][:, :, :2], torch.full((6, 3, 2, 32), background))
 
     # Without crop padding only flips remain: every image is the original or its mirror image.
@@ -86,7 +87,7 @@ def test_collator_pads_crops_flips_and_normalises():
     assert not torch.equal(cropped, plain["pixel_values"])
     for x, img in zip(cropped[:, 0], images):
         padded = torch.nn.functional.pad(img, (6, 6, 6, 6)).float() / 255
-        padded = (padded - study.FASHION_MNIST_MEAN[0]) / study.FASHION_MNIST_STD[0]
+        padded = (padded - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
         windows = [padded[top : top + 32, left : left + 32] for top in range(9) for left in range(9)]
         assert any(torch.allclose(x, w) or torch.allclose(x.flip(-1), w) for w in windows)
 
@@ -109,7 +110,7 @@ def test_plan_orders_teachers_then_students_and_ablations():
     assert ids[:2] == ["teacher-vit", "teacher-convnext"]
     assert len(ids) == 2 + 2 * 2 * 4 + 2 * 3 and len(set(ids)) == len(ids)
     assert "vit_to_resnet-pat_no_prompts-s0" in ids and "vit_to_resnet-pat_no_prompts-s1" not in ids
-    settings = study._run_settings(StudyConfig(), plan[-1])
+    settings = study_runs._run_settings(StudyConfig(), plan[-1])
     assert settings["method"] == "pat" and settings["method_args"]["pat_reg_weight"] == 0.0
     assert settings["method_args"]["pat_dim"] == study.PAT_SETTINGS["pat_dim"]
 
@@ -146,8 +147,8 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(study, "_train_teacher", no_training)
-    monkeypatch.setattr(study, "_train_student", no_training)
+    monkeypatch.setattr(study_runs, "_train_teacher", no_training)
+    monkeypatch.setattr(study_runs, "_train_student", no_training)
     assert run_study(config, data=data) == json.loads(json.dumps(records))
     # Other settings in the same folder are refused rather than mixed into the report.
     with pytest.raises(ValueError, match="other settings"):
@@ -228,23 +229,25 @@ def test_cli_runs_the_pairs_in_parallel_processes_then_one_report(tmp_path):
 
 def test_a_student_run_is_tied_to_its_teacher_recipe(monkeypatch):
     spec = study.RunSpec("student", "vit_to_resnet", "kd", 0)
-    before = study._run_settings(StudyConfig(), spec)
+    before = study_runs._run_settings(StudyConfig(), spec)
     monkeypatch.setitem(study.TEACHER_EPOCHS, "vit", study.TEACHER_EPOCHS["vit"] + 1)
-    after = study._run_settings(StudyConfig(), spec)
+    after = study_runs._run_settings(StudyConfig(), spec)
     # A finished student of the old teacher is not reused for the new one (resume compares these settings).
     assert before != after and after["teacher_settings"]["epochs"] == before["teacher_settings"]["epochs"] + 1
     assert (
-        study._run_settings(StudyConfig(), study.RunSpec("student", "vit_to_resnet", "none", 0))["teacher_settings"]
+        study_runs._run_settings(StudyConfig(), study.RunSpec("student", "vit_to_resnet", "none", 0))[
+            "teacher_settings"
+        ]
         is None
     )
 
 
 def test_teacher_batch_size_is_per_recipe_unless_overridden():
     teacher = study.RunSpec("teacher", "vit")
-    assert study._run_settings(StudyConfig(), teacher)["batch_size"] == study.TEACHER_BATCH_SIZE["vit"]
-    convnext = study._run_settings(StudyConfig(), study.RunSpec("teacher", "convnext"))
+    assert study_runs._run_settings(StudyConfig(), teacher)["batch_size"] == study.TEACHER_BATCH_SIZE["vit"]
+    convnext = study_runs._run_settings(StudyConfig(), study.RunSpec("teacher", "convnext"))
     assert convnext["batch_size"] == study.TEACHER_BATCH_SIZE["convnext"]
-    assert study._run_settings(StudyConfig(teacher_batch_size=32), teacher)["batch_size"] == 32
+    assert study_runs._run_settings(StudyConfig(teacher_batch_size=32), teacher)["batch_size"] == 32
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="apt-get install dataset-fashion-mnist")

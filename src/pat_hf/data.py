@@ -16,9 +16,16 @@ from .preprocessing import ImageView, build_image_transforms
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "TensorBatchCollator",
+    "balanced_subset",
     "collate_images",
     "dataset_class_names",
+    "find_idx",
     "load_fashion_mnist",
+    "read_idx",
     "with_image_transforms",
 ]
 
@@ -38,6 +45,8 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 
 
 def dataset_class_names(dataset: Any, label_column: str | None = None) -> list[str] | None:
@@ -54,7 +63,8 @@ def dataset_class_names(dataset: Any, label_column: str | None = None) -> list[s
     return None
 
 
-def _read_idx(path: str) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
+    """The array of an unsigned-byte IDX file (MNIST's format), gzipped (``.gz``) or not."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -66,12 +76,29 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_idx(root: str, stem: str) -> str | None:
+def find_idx(root: str, stem: str) -> str | None:
+    """The path of ``<root>/<stem>.gz`` or ``<root>/<stem>``, whichever exists first; None when neither does."""
     for name in (f"{stem}.gz", stem):
         path = os.path.join(root, name)
         if os.path.isfile(path):
             return path
     return None
+
+
+def balanced_subset(dataset: Any, size: int, seed: int = 0, label_column: str = "label") -> Any:
+    """A fixed, class-balanced random subset of ``size`` examples (``size // num_classes`` per class)."""
+    labels = np.asarray(dataset[label_column])
+    classes = np.unique(labels)
+    per_class = size // len(classes)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has only {len(idx)} examples, fewer than {per_class} requested")
+        picked.append(rng.choice(idx, per_class, replace=False))
+    order = np.sort(np.concatenate(picked))
+    return dataset.select(order.tolist())
 
 
 def load_fashion_mnist(split: str = "train", root: str | None = None) -> Any:
@@ -93,12 +120,12 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> Any:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = root or os.environ.get("PAT_HF_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
     prefix = "train" if split == "train" else "t10k"
-    images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images_path = find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = find_idx(root, f"{prefix}-labels-idx1-ubyte")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
     if images_path and labels_path:
-        images = _read_idx(images_path)
-        labels = _read_idx(labels_path).astype(np.int64)
+        images = read_idx(images_path)
+        labels = read_idx(labels_path).astype(np.int64)
         if len(images) != len(labels):
             raise ValueError(f"{images_path} and {labels_path} disagree on the number of examples.")
         from PIL import Image
@@ -182,3 +209,54 @@ def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
     if label_key is not None:
         batch["labels"] = torch.tensor([int(e[label_key]) for e in examples], dtype=torch.long)
     return batch
+
+
+class TensorBatchCollator:
+    """Builds ``pixel_values`` for a whole batch of grey uint8 images on tensors, without PIL: the images are
+    centred on an ``image_size`` canvas (28 -> 32 by default), then (training) cropped at random from a
+    ``pad``-pixel zero-padded copy and flipped horizontally, then scaled to [0, 1], normalised and replicated to
+    3 channels. Per-image PIL transforms would bottleneck a GPU on such small images.
+
+    Items are dicts with ``image`` ((H, W) uint8 tensor), ``labels`` (int) and ``augment`` (bool; the first
+    item's decides for the batch). When teacher and student share this view (same size and statistics), the
+    trainer derives ``teacher_pixel_values`` from the same augmented batch at no cost.
+
+    Args:
+        pad: Padding of the random crop (pixels on each side).
+        mean: Normalisation mean (one grey value).
+        std: Normalisation standard deviation.
+        image_size: Side of the square output (at least the images' side).
+    """
+
+    def __init__(
+        self,
+        pad: int = 4,
+        mean: float = FASHION_MNIST_MEAN[0],
+        std: float = FASHION_MNIST_STD[0],
+        image_size: int = 32,
+    ) -> None:
+        self.pad, self.mean, self.std, self.image_size = pad, mean, std, image_size
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = torch.stack([e["image"] for e in examples])  # (B, H, W) uint8
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        size, (height, width) = self.image_size, images.shape[-2:]
+        if height > size or width > size:
+            raise ValueError(f"{height}x{width} images do not fit in image_size {size}.")
+        extra = self.pad if examples[0]["augment"] else 0
+        top, left = (size - height) // 2 + extra, (size - width) // 2 + extra
+        bottom, right = size - height + 2 * extra - top, size - width + 2 * extra - left
+        x = torch.nn.functional.pad(images, (left, right, top, bottom))
+        if examples[0]["augment"]:
+            batch = x.shape[0]
+            span = 2 * self.pad + 1
+            top_shift = torch.randint(0, span, (batch, 1, 1))
+            left_shift = torch.randint(0, span, (batch, 1, 1))
+            steps = torch.arange(size)
+            rows = (top_shift + steps.view(1, -1, 1)).expand(batch, size, size)
+            cols = (left_shift + steps.view(1, 1, -1)).expand(batch, size, size)
+            x = x[torch.arange(batch).view(-1, 1, 1), rows, cols]
+            flip = torch.rand(batch) < 0.5
+            x = torch.where(flip.view(-1, 1, 1), x.flip(-1), x)
+        x = (x.float().div_(255.0) - self.mean) / self.std
+        return {"pixel_values": x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), "labels": labels}

@@ -1,9 +1,9 @@
-"""The built-in demo: distil a transformers CNN teacher into a timm ViT student on real Fashion-MNIST.
+"""The built-in demo: distil a transformers CNN teacher into a timm ResNet student on real Fashion-MNIST.
 
 ``make demo`` (or ``python -m pat_hf.demo``) runs it:
 
 1. trains a small transformers ResNet teacher on the full 60,000-image training set (once; cached),
-2. trains a small timm ViT student from scratch on a class-balanced subset (the low-data regime where a
+2. trains a small timm ResNet student (resnet10t) from scratch on a class-balanced subset (the low-data regime where a
    teacher matters),
 3. distils the teacher into the same student on the same subset,
 4. prints teacher, scratch student and distilled student side by side: test accuracy on the 10,000 test
@@ -20,14 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, balanced_subset
 
-__all__ = ["DemoConfig", "balanced_subset", "ensure_teacher", "main", "run_demo"]
+__all__ = ["DemoConfig", "ensure_teacher", "main", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
-FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 TEACHER_RECIPE = {
     "architecture": "ResNetForImageClassification",
     "embedding_size": 32,
@@ -60,22 +58,6 @@ class DemoConfig:
     seed: int = 0
     max_test_samples: int | None = None
     teacher_epochs: int = TEACHER_RECIPE["epochs"]
-
-
-def balanced_subset(dataset: Any, size: int, seed: int = 0, label_column: str = "label") -> Any:
-    """A fixed, class-balanced random subset of ``size`` examples (``size // num_classes`` per class)."""
-    labels = np.asarray(dataset[label_column])
-    classes = np.unique(labels)
-    per_class = size // len(classes)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise ValueError(f"class {c} has only {len(idx)} examples, fewer than {per_class} requested")
-        picked.append(rng.choice(idx, per_class, replace=False))
-    order = np.sort(np.concatenate(picked))
-    return dataset.select(order.tolist())
 
 
 def _teacher_processor():
