@@ -14,11 +14,12 @@ endif
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint format clean help
+.PHONY: install data demo test test-fast lint format clean help
 
 help:
 	@echo "make demo    - install, then distil a teacher into a timm student on Fashion-MNIST (about 10 min on 2 CPU cores)"
-	@echo "make test    - install, then run the test suite"
+	@echo "make test      - install, then run the whole test suite (what CI runs; both cores, pytest-xdist)"
+	@echo "make test-fast - the edit loop: every test not marked slow"
 	@echo "make lint    - ruff check and format check"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -44,8 +45,14 @@ data:
 demo: install data
 	$(PY) -m pat_hf.demo
 
+# Both cores: the suite is mostly single-threaded tiny models, so two pytest-xdist workers (one torch thread
+# each, as OMP_NUM_THREADS=1) finish sooner than one process with two threads.
+PYTEST_WORKERS ?= 2
 test: install data
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-fast: install data
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests examples $(wildcard benchmarks)

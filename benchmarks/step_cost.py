@@ -84,11 +84,7 @@ def run_one(
     ``memory_only`` (CPU) only its peak memory."""
     import torch
 
-    from pat_hf import PATTrainingArguments
-    from pat_hf.methods import get_method
-    from pat_hf.modeling import DistillationModel
-    from pat_hf.preprocessing import ImageView
-    from pat_hf.teacher import load_teacher
+    from pat_hf import PATTrainingArguments, build_distillation_model
 
     torch.manual_seed(0)
     libraries_rss = _rss_kib()  # the interpreter and the imported libraries, before any model exists
@@ -100,10 +96,10 @@ def run_one(
         output_dir="/tmp/pat_hf_bench", distill_method=method_name, report_to=[], use_cpu=device == "cpu",
         pat_checkpoint_teacher=config == "pat_checkpoint",
     )  # fmt: skip
-    teacher = load_teacher(teacher_model) if method_name != "none" else None
-    view = ImageView(size=(image_size, image_size))
-    method = get_method(method_name)(args, student, teacher)
-    model = DistillationModel(student, method, teacher, view).to(device).train()
+    # What the trainer builds: teacher loaded and frozen, classes matched, the method's heads.
+    model = build_distillation_model(args, student, teacher_model if method_name != "none" else None)
+    model = model.to(device).train()
+    teacher, method = model.teacher, model.method
     if teacher is not None:
         teacher.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -151,6 +147,7 @@ def _pat_components(method, student, teacher, x, steps: int, sync) -> dict:
     import torch
 
     from pat_hf.losses import hcl_loss
+    from pat_hf.taps import as_map
 
     timings = {}
     # Component timings on this step's real tensors: RAA + aligners (forward + backward) and the losses.
@@ -159,8 +156,6 @@ def _pat_components(method, student, teacher, x, steps: int, sync) -> dict:
     feats = [f.detach().requires_grad_(True) for f in feats]
     with torch.no_grad(), method.teacher_taps.capture() as tfeats:
         teacher(x)
-    from pat_hf.modules.raa import as_map
-
     targets = [as_map(f, s) for f, s in zip(tfeats, method.teacher_output_specs)]
 
     def raa_step():

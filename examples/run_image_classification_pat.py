@@ -5,7 +5,7 @@ Shaped like transformers' examples/pytorch/image-classification/run_image_classi
 training arguments through HfArgumentParser (a single .json / .yaml argument is read as a config file),
 `datasets` for the data, Trainer for the loop.
 
-    # the built-in default: Fashion-MNIST, the demo's transformers ResNet teacher, a small timm ViT student
+    # the built-in default: Fashion-MNIST, the demo's transformers ResNet teacher, a small timm ResNet student
     accelerate launch examples/run_image_classification_pat.py
 
     # your own pair and data

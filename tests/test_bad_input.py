@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTModel
 
-from conftest import make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 
 def test_unknown_method(tmp_path):

@@ -24,8 +24,8 @@ import pytest
 import torch
 from transformers import ViTImageProcessor
 
-import distributed_worker as worker
-from conftest import make_image_dataset, tiny_teacher
+from support import distributed_worker as worker
+from support.tiny import make_image_dataset, tiny_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()),
-        os.path.join(HERE, "distributed_worker.py"), str(spec_path),
+        os.path.join(HERE, "support", "distributed_worker.py"), str(spec_path),
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=str(root))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]

@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import ViTImageProcessor
 
-from conftest import make_image_dataset, tiny_teacher
+from support.tiny import make_image_dataset, tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "run_image_classification_pat.py")

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import CLASS_NAMES, make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from support.tiny import CLASS_NAMES, make_image_dataset, tiny_args, tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 
-from hub_server import HubServer, git_blob_sha1
+from support.hub_server import HubServer, git_blob_sha1
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "hf_user_write_token"
@@ -47,9 +47,9 @@ image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 20, 3), d
 _TRAIN = """
 import timm
 from transformers import ViTImageProcessor
-from conftest import make_image_dataset, tiny_args, tiny_teacher
+from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
-from pat_hf.hub import HubPushError
+from pat_hf import HubPushError
 
 teacher = tiny_teacher("vit")
 teacher.push_to_hub("user/teacher")
@@ -173,7 +173,7 @@ def _run_child(code: str, hub: HubServer, tmp_path, name: str, timeout: int = 24
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
     env.update(
         HF_ENDPOINT=hub.url,
-        HF_HUB_OFFLINE="0",  # conftest makes the test process offline; the child talks to the local Hub
+        HF_HUB_OFFLINE="0",  # conftest.py makes the test process offline; the child talks to the local Hub
         HF_HUB_DISABLE_XET="1",
         HF_HOME=str(home),
         HF_HUB_CACHE=str(home / "hub"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_resume_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "kill_resume_worker.py")
 
 
 def run_worker(output_dir, method: str, mode: str) -> subprocess.CompletedProcess:
@@ -66,12 +66,12 @@ def test_sigkilled_run_resumes_exactly(tmp_path, method, kill, survivor):
 
 def test_staged_checkpoints_rotate_and_keep_the_best(tmp_path):
     """save_total_limit and load_best_model_at_end see the renamed checkpoint-N folders, never _tmp- ones."""
-    from conftest import make_image_dataset, tiny_args, tiny_teacher
     from pat_hf import PATDistillationTrainer
     from pat_hf.data import with_image_transforms
     from pat_hf.preprocessing import ImageView
     from pat_hf.student import create_student
     from pat_hf.teacher import load_teacher
+    from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
     dataset = make_image_dataset(n=16, size=16)
     teacher = tiny_teacher("vit")

@@ -11,11 +11,11 @@ import transformers as tf
 from safetensors.torch import load_file
 from transformers import ViTImageProcessor
 
-from conftest import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 from pat_hf.methods.base import DistillationBatch
 from pat_hf.methods.pat import PerspectiveAwareTeaching
 from pat_hf.teacher import load_teacher
+from support.tiny import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 
 SMALL = {"pat_dim": 32, "pat_num_heads": 4}
 

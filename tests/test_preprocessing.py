@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 
-from conftest import make_image_dataset
-from pat_hf import ImageView, collate_images, create_student, with_image_transforms
+from pat_hf import ImageView, create_student, with_image_transforms
+from pat_hf.data import collate_images
 from pat_hf.preprocessing import build_image_transforms, convert_view
+from support.tiny import make_image_dataset
 
 
 def test_view_from_timm_uses_the_actual_input_size():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pat_hf.modules.prompts import AdaptiveFeedbackPrompt, region_sums
+from pat_hf.methods.pat.prompts import AdaptiveFeedbackPrompt, region_sums
 
 
 def reference_prompt(block: AdaptiveFeedbackPrompt, x: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_spatial_variant_varies_over_space():
     "small,size", [((4, 4), (56, 56)), ((4, 4), (8, 12)), ((4, 4), (14, 14)), ((28, 28), (56, 56))]
 )
 def test_projecting_before_nearest_upsampling_is_exact(small, size):
-    from pat_hf.modules.raa import upsample_then_project
+    from pat_hf.methods.pat.heads import upsample_then_project
 
     torch.manual_seed(0)
     norm, proj = nn.BatchNorm2d(16).double(), nn.Conv2d(16, 8, 1).double()

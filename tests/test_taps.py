@@ -15,7 +15,6 @@ import torch
 import transformers as tf
 from torch import nn
 
-from conftest import TEACHER_FAMILIES, tiny_teacher
 from pat_hf.taps import (
     SUPPORTED_STUDENTS,
     SUPPORTED_TEACHERS,
@@ -25,6 +24,7 @@ from pat_hf.taps import (
     build_taps,
     tokens_to_map,
 )
+from support.tiny import TEACHER_FAMILIES, tiny_teacher
 
 # Last block (0-based) of each stage of an isotropic model: blocks 2, 4, 10, 12 (1-based) for 12 blocks.
 ENDS_12 = [1, 3, 9, 11]
@@ -171,7 +171,7 @@ def _vit_entry(path: str, ends: list[int]):
 
 
 CASES: dict[str, Case] = {
-    # transformers teachers (conftest's tiny configs: 2 layers, a 2-stage Swin)
+    # transformers teachers (support.tiny's configs: 2 layers, a 2-stage Swin)
     "hf_vit": Case(
         lambda: tiny_teacher("vit"),
         16,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import ViTImageProcessor
 
-from conftest import CLASS_NAMES, TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 from pat_hf.teacher import load_teacher
+from support.tiny import CLASS_NAMES, TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 
 
 def small_processor(size: int = 24) -> ViTImageProcessor:

@@ -8,14 +8,15 @@ Example:
     ...                                  train_dataset=train, eval_dataset=val)
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: I001  (first: every module below may read it)
 
 from .configuration import PATTrainingArguments
-from .data import collate_images, load_fashion_mnist, with_image_transforms
-from .hub import export_student
+from .data import load_fashion_mnist, with_image_transforms
+from .errors import HubPushError, NonFiniteLossError
+from .export import export_student, load_student_weights
 from .methods import DistillationMethod, available_methods, get_method, register_method
 from .metrics import build_compute_metrics
-from .modeling import DistillationModel
+from .modeling import build_distillation_model
 from .preprocessing import ImageView
 from .student import create_student
 from .teacher import Teacher, load_teacher
@@ -23,19 +24,21 @@ from .trainer import PATDistillationTrainer
 
 __all__ = [
     "DistillationMethod",
-    "DistillationModel",
+    "HubPushError",
     "ImageView",
+    "NonFiniteLossError",
     "PATDistillationTrainer",
     "PATTrainingArguments",
     "Teacher",
     "__version__",
     "available_methods",
     "build_compute_metrics",
-    "collate_images",
+    "build_distillation_model",
     "create_student",
     "export_student",
     "get_method",
     "load_fashion_mnist",
+    "load_student_weights",
     "load_teacher",
     "register_method",
     "with_image_transforms",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .methods import available_methods
+from .methods import available_methods, get_method
 
 __all__ = ["PATTrainingArguments"]
 
@@ -116,35 +117,15 @@ class PATTrainingArguments(TrainingArguments):
                 f"distill_method={self.distill_method!r} is not a registered distillation method; "
                 f"choose one of: {', '.join(available_methods())}."
             )
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (it divides the logits), got {self.temperature}.")
-        for name in ("ce_weight", "kd_weight", "ofa_weight", "pat_feature_weight", "pat_reg_weight"):
+        if self.temperature is not None and not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite (it divides the logits), got {self.temperature}.")
+        for name in ("ce_weight", "kd_weight"):
             value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0 (0 switches the term off), got {value}.")
-        self.ofa_epsilon = [float(e) for e in self.ofa_epsilon]
-        if not self.ofa_epsilon or any(not e >= 1 for e in self.ofa_epsilon):
-            raise ValueError(f"ofa_epsilon values must be >= 1, got {self.ofa_epsilon}.")
-        for name in ("ofa_stages", "pat_prompt_stages"):
-            stages = [int(s) for s in getattr(self, name)]
-            if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-                raise ValueError(f"{name} must be distinct stage numbers among 1, 2, 3, 4; got {stages}.")
-            setattr(self, name, sorted(stages))
-        if len(self.ofa_epsilon) not in (1, len(self.ofa_stages) + 1):
-            raise ValueError(
-                f"ofa_epsilon needs 1 value or {len(self.ofa_stages) + 1} (one per stage in ofa_stages plus one for "
-                f"the final logits), got {len(self.ofa_epsilon)}."
-            )
-        side = round(max(self.pat_num_queries, 0) / 4) ** 0.5
-        if self.pat_num_queries < 4 or self.pat_num_queries % 4 or side != int(side):
-            raise ValueError(
-                f"pat_num_queries must be 4 x a square number (16 regions per stage for 64), got {self.pat_num_queries}."
-            )
-        if self.pat_dim <= 0 or self.pat_num_heads <= 0 or self.pat_dim % self.pat_num_heads:
-            raise ValueError(
-                f"pat_dim ({self.pat_dim}) must be a positive multiple of pat_num_heads ({self.pat_num_heads})."
-            )
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite (0 switches the term off), got {value}.")
         if self.label_smoothing is None and self.label_smoothing_factor:
             self.label_smoothing = self.label_smoothing_factor
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        # The method checks its own settings (OFA's, PAT's, ...): this class knows no method's rules.
+        get_method(self.distill_method).validate_args(self)

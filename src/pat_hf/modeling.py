@@ -1,15 +1,32 @@
-"""The trainable wrapper: the one module the Trainer optimises, DDP-wraps and checkpoints."""
+"""The trainable wrapper (the one module the Trainer optimises, DDP-wraps and checkpoints) and
+:func:`build_distillation_model`, the one function that builds it: the trainer, the benchmarks and scripts call it."""
 
 from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .methods import DistillationBatch, DistillationMethod
+from .methods import DistillationBatch, DistillationMethod, get_method
 from .preprocessing import ImageView, convert_view
-from .teacher import Teacher
+from .student import (
+    check_timm_rebuildable,
+    create_student,
+    is_timm_model,
+    is_transformers_model,
+    student_num_classes,
+    student_view,
+)
+from .teacher import Teacher, load_teacher, match_classes
 
-__all__ = ["DistillationModel"]
+if TYPE_CHECKING:
+    from .configuration import PATTrainingArguments
+
+__all__ = ["DistillationModel", "build_distillation_model"]
+
+logger = logging.getLogger(__name__)
 
 
 class DistillationModel(nn.Module):
@@ -25,6 +42,8 @@ class DistillationModel(nn.Module):
         teacher: The frozen teacher, or None.
         student_view: The student's input size and normalisation (to derive teacher inputs when a batch has
             none).
+        class_names: The dataset's class names in output order, when known.
+        student_model_args: The ``timm.create_model`` arguments the student was built with (for its export).
     """
 
     # Trainer reads these: the loss is a per-batch mean, so Trainer must divide it by the accumulation steps.
@@ -38,12 +57,16 @@ class DistillationModel(nn.Module):
         method: DistillationMethod,
         teacher: Teacher | None,
         student_view: ImageView,
+        class_names: list[str] | None = None,
+        student_model_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.method = method
         object.__setattr__(self, "teacher", teacher)
         self.student_view = student_view
+        self.class_names = class_names
+        self.student_model_args = student_model_args
 
     def forward(
         self,
@@ -72,3 +95,100 @@ class DistillationModel(nn.Module):
         else:
             out = self.method.evaluate(self.student, teacher, batch)
         return {"loss": out.loss, "logits": out.logits, "loss_parts": out.parts}
+
+
+def build_distillation_model(
+    args: PATTrainingArguments,
+    student: nn.Module | str,
+    teacher: nn.Module | str | Teacher | None = None,
+    *,
+    class_names: list[str] | None = None,
+    teacher_image_processor: Any = None,
+    teacher_revision: str | None = None,
+    trust_remote_code: bool = False,
+    student_model_args: dict[str, Any] | None = None,
+    processing_class: Any = None,
+) -> DistillationModel:
+    """Builds everything a distillation run trains, checking that the pieces fit before any training starts.
+
+    Loads and freezes the teacher, matches its classes to the dataset's (by name when both have names),
+    creates the student when given by name (with as many classes as the dataset), checks that its export will
+    rebuild the same architecture, and builds the method with its heads.
+
+    Args:
+        args: The training arguments (``distill_method`` and its settings).
+        student: A timm model, a timm name / ``hf-hub:`` / ``local-dir:`` id, or a transformers image classifier.
+        teacher: A transformers image classifier, a Hub id / local path, or a loaded :class:`Teacher`; required
+            unless the method is ``none``.
+        class_names: The dataset's class names (the label space everything is matched to).
+        teacher_image_processor: The teacher's image processor (input size, mean/std).
+        teacher_revision: Hub revision of the teacher.
+        trust_remote_code: Allow custom modelling code for a teacher given by id.
+        student_model_args: ``timm.create_model`` arguments the student was built with, when timm did not
+            record them.
+        processing_class: The image processor of a transformers student.
+
+    Returns:
+        The :class:`DistillationModel` (student + method), with ``teacher``, ``class_names`` and
+        ``student_model_args`` set.
+
+    Raises:
+        ValueError: A missing teacher, classes that cannot be matched, a student with another number of outputs,
+            or a student whose export would not load back.
+        TypeError: A student that is neither a timm nor a transformers model.
+
+    Example:
+        >>> model = build_distillation_model(PATTrainingArguments("out", distill_method="pat"), "resnet18",
+        ...                                  "org/vit-cifar100", class_names=names)
+    """
+    method_cls = get_method(args.distill_method)
+    class_names = list(class_names) if class_names else None
+
+    loaded: Teacher | None = None
+    if method_cls.requires_teacher:
+        if teacher is None:
+            raise ValueError(f"distill_method={args.distill_method!r} needs teacher=; use 'none' to train without one.")
+        loaded = (
+            teacher
+            if isinstance(teacher, Teacher)
+            else load_teacher(
+                teacher,
+                image_processor=teacher_image_processor,
+                revision=teacher_revision,
+                token=args.hub_token,
+                trust_remote_code=trust_remote_code,
+            )
+        )
+        loaded.class_index = match_classes(
+            loaded.label_names, loaded.num_labels, class_names, len(class_names) if class_names else None
+        )
+    elif teacher is not None:
+        logger.warning("distill_method=%r uses no teacher; the teacher given is ignored.", args.distill_method)
+
+    num_classes = len(class_names) if class_names else None
+    if num_classes is None and loaded is not None:
+        num_classes = loaded.num_labels if loaded.class_index is None else len(loaded.class_index)
+
+    if isinstance(student, str):
+        student = create_student(student, num_classes=num_classes)
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a timm model name, got {type(student).__name__}.")
+    n_student = student_num_classes(student)
+    if num_classes is not None and n_student is not None and n_student != num_classes:
+        raise ValueError(
+            f"The student has {n_student} outputs but the dataset has {num_classes} classes. Create it with "
+            f"num_classes={num_classes} (timm.create_model(..., num_classes={num_classes}) or model.reset_classifier)."
+        )
+    if student_model_args is None:  # what create_student recorded (older timm records nothing itself)
+        student_model_args = getattr(student, "pat_hf_model_args", None)
+    if is_timm_model(student):
+        check_timm_rebuildable(student, student_model_args)
+    elif not is_transformers_model(student):
+        raise TypeError(
+            f"The student must be a timm model or a transformers image classifier, got {type(student).__name__}."
+        )
+    view = student_view(student, processing_class)
+    method = method_cls(args, student, loaded)
+    return DistillationModel(
+        student, method, loaded, view, class_names=class_names, student_model_args=student_model_args
+    )

@@ -19,14 +19,14 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 import torch
 
-from conftest import make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 from pat_hf.data import collate_images
 from pat_hf.teacher import load_teacher
+from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 GLOBAL_BATCH = 8
 TRAIN_SIZE = 16  # two global batches per epoch: max_steps=4 crosses an epoch boundary (a reshuffle)
@@ -155,7 +155,7 @@ def run_scenario(scenario: dict[str, Any], workdir: str) -> dict[str, Any]:
 def _run_example(scenario: dict[str, Any], workdir: str) -> dict[str, Any]:
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(root, "examples", "run_image_classification_pat.py")
     spec = importlib.util.spec_from_file_location("run_image_classification_pat", path)
     module = importlib.util.module_from_spec(spec)

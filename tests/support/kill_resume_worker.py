@@ -14,17 +14,17 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 import torch
 from transformers import TrainerCallback
 
-from conftest import make_image_dataset, tiny_args, tiny_teacher
 from pat_hf import PATDistillationTrainer
 from pat_hf.data import with_image_transforms
 from pat_hf.preprocessing import ImageView
 from pat_hf.student import create_student
 from pat_hf.teacher import load_teacher
+from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 
 class KillAfterStep(TrainerCallback):

@@ -1,20 +1,19 @@
 """Distillation methods and their registry.
 
-``none`` and ``kd`` live in :mod:`.kd`, ``ofa`` in :mod:`.ofa`, ``pat`` in :mod:`.pat`. A new method subclasses :class:`DistillationMethod` and registers
-itself with :func:`register_method`; the trainer finds it by ``PATTrainingArguments.distill_method``.
+- :mod:`.base`: the interface (:class:`DistillationMethod`, the batch and output types, shared helpers);
+- :mod:`.registry`: names to classes (:func:`register_method`, :func:`get_method`, :func:`available_methods`);
+- :mod:`.kd`: ``none`` and ``kd``; :mod:`.ofa`: ``ofa`` and its branch heads; :mod:`.pat`: ``pat``, its prompts,
+  region-aware attention and aligners.
+
+A new method subclasses :class:`DistillationMethod` and registers itself with :func:`register_method`; the
+trainer finds it by ``PATTrainingArguments.distill_method``.
 """
 
-from .base import (
-    DistillationBatch,
-    DistillationMethod,
-    DistillationOutput,
-    available_methods,
-    get_method,
-    register_method,
-)
+from .base import DistillationBatch, DistillationMethod, DistillationOutput
 from .kd import KnowledgeDistillation, NoDistillation
 from .ofa import OFADistillation
 from .pat import PerspectiveAwareTeaching
+from .registry import available_methods, get_method, register_method
 
 __all__ = [
     "DistillationBatch",

@@ -1,15 +1,16 @@
-"""The method interface and its registry.
+"""The method interface: what every distillation method is, receives and returns.
 
 A distillation method is an ``nn.Module`` holding its trainable heads (none for KD; branch heads for OFA;
 prompts, RAA and aligners for PAT). It lives inside the trainable wrapper next to the student, so the Trainer
 optimises, DDP-wraps and checkpoints it with the student, and computes one training step's loss from the
-student, the frozen teacher and the batch.
+student, the frozen teacher and the batch. It validates its own settings (:meth:`DistillationMethod.validate_args`),
+so ``PATTrainingArguments`` needs to know no method's rules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,9 +26,8 @@ __all__ = [
     "DistillationBatch",
     "DistillationMethod",
     "DistillationOutput",
-    "available_methods",
-    "get_method",
-    "register_method",
+    "check_stage_list",
+    "init_head_weights",
 ]
 
 
@@ -37,7 +37,7 @@ class DistillationBatch:
 
     Args:
         pixel_values: Student inputs (B, 3, H_s, W_s), normalised for the student.
-        labels: Class indices (B,), or None for unlabelled data.
+        labels: Class indices (B,), soft targets (B, K) (mixup / cutmix), or None for unlabelled data.
         teacher_pixel_values: Teacher inputs (B, 3, H_t, W_t), the same augmented images normalised for the
             teacher; None when the method has no teacher.
     """
@@ -62,12 +62,50 @@ class DistillationOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def init_head_weights(module: nn.Module) -> None:
+    """The initialisation OFA-KD and PAT give the modules they add to the student side.
+
+    Kaiming normal (fan-out, ReLU) for convolutions, truncated normal (std 0.02) for linear layers, zero biases,
+    and weight 1 / bias 0 for the norms. PAT's prompt blocks keep PyTorch's defaults and do not go through here.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_stage_list(args: Any, name: str) -> None:
+    """Checks (and sorts in place) a list of stage numbers among 1-4 held by ``args.<name>``.
+
+    Raises:
+        ValueError: On a number outside 1-4 or a repeated one.
+    """
+    try:
+        stages = [int(s) for s in getattr(args, name)]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be a list of stage numbers among 1, 2, 3, 4; got {getattr(args, name)!r}."
+        ) from None
+    if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"{name} must be distinct stage numbers among 1, 2, 3, 4; got {stages}.")
+    setattr(args, name, sorted(stages))
+
+
 class DistillationMethod(nn.Module):
     """Base class of the distillation methods.
 
-    Subclasses set :attr:`name`, register with :func:`register_method`, build their heads in ``__init__`` and
-    implement :meth:`forward` (one training step). Their trainable state (heads, buffers such as PAT's
-    feedback) is ordinary module state, so it is saved in checkpoints and restored on resume.
+    Subclasses set :attr:`name`, register with :func:`pat_hf.methods.register_method`, check their settings in
+    :meth:`validate_args`, build their heads in ``__init__`` and implement :meth:`forward` (one training step).
+    Their trainable state (heads, buffers) is ordinary module state, so it is saved in checkpoints and restored
+    on resume.
 
     Args:
         args: The training arguments (method settings are read from them).
@@ -81,8 +119,19 @@ class DistillationMethod(nn.Module):
     default_label_smoothing: ClassVar[float] = 0.0
     description: ClassVar[str] = ""
 
+    @classmethod
+    def validate_args(cls, args: PATTrainingArguments) -> None:
+        """Checks (and normalises in place) this method's own settings in ``args``; called by
+        ``PATTrainingArguments.__post_init__`` for the chosen method, before any model is built.
+
+        Raises:
+            ValueError: A setting is out of range, saying which and what is allowed.
+        """
+
     def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__()
+        if self.requires_teacher and teacher is None:
+            raise ValueError(f"distill_method={self.name!r} needs a teacher.")
         self.temperature = float(args.temperature if args.temperature is not None else self.default_temperature)
         self.label_smoothing = float(
             args.label_smoothing if args.label_smoothing is not None else self.default_label_smoothing
@@ -102,14 +151,38 @@ class DistillationMethod(nn.Module):
         """
         logits = student_logits(student, batch.pixel_values)
         parts: dict[str, torch.Tensor] = {}
-        loss = logits.new_zeros((), dtype=torch.float32)
-        if batch.labels is not None:
-            parts["ce"] = cross_entropy(logits, batch.labels, self.label_smoothing)
-            loss = loss + self.ce_weight * parts["ce"]
+        loss = self.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, batch.labels)
         if teacher is not None and self.eval_teacher_losses and batch.teacher_pixel_values is not None:
             parts["kd"] = kl_div_loss(logits, teacher(batch.teacher_pixel_values), self.temperature)
             loss = loss + self.kd_weight * parts["kd"]
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
+
+    # ---- helpers for subclasses -----------------------------------------------------------------------------
+
+    def add_cross_entropy(
+        self, loss: torch.Tensor, parts: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``loss + w_ce·CE(logits, labels)``, recording the unweighted CE as ``parts["ce"]``; ``loss`` unchanged
+        without labels."""
+        if labels is None:
+            return loss
+        ce = cross_entropy(logits, labels, self.label_smoothing)
+        parts["ce"] = ce.detach()
+        return loss + self.ce_weight * ce
+
+    def teacher_inputs(self, teacher: Teacher | None, batch: DistillationBatch) -> tuple[Teacher, torch.Tensor]:
+        """The teacher and its inputs for a training step.
+
+        Raises:
+            ValueError: When either is missing (the method was called without a teacher or teacher inputs).
+        """
+        if teacher is None or batch.teacher_pixel_values is None:
+            raise ValueError(
+                f"distill_method={self.name!r} needs a teacher and teacher inputs in every training batch."
+            )
+        return teacher, batch.teacher_pixel_values
+
+    # ---- state ------------------------------------------------------------------------------------------------
 
     def extra_state_tensors(self) -> dict[str, torch.Tensor]:
         """State that is not a parameter or buffer but must survive a resume (PAT's feedback).
@@ -130,45 +203,3 @@ class DistillationMethod(nn.Module):
             "ce_weight": self.ce_weight,
             "kd_weight": self.kd_weight,
         }
-
-
-_METHODS: dict[str, type[DistillationMethod]] = {}
-
-M = TypeVar("M", bound=type[DistillationMethod])
-
-
-def register_method(cls: M) -> M:
-    """Class decorator adding a method to the registry under ``cls.name``.
-
-    Example:
-        >>> @register_method
-        ... class MyKD(DistillationMethod):
-        ...     name = "my_kd"
-        ...     def forward(self, student, teacher, batch): ...
-    """
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} must set a non-empty `name` to be registered.")
-    existing = _METHODS.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"A distillation method named {cls.name!r} is already registered ({existing.__name__}).")
-    _METHODS[cls.name] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    """Names of the registered distillation methods."""
-    return sorted(_METHODS)
-
-
-def get_method(name: str) -> type[DistillationMethod]:
-    """The method class registered under ``name``.
-
-    Raises:
-        ValueError: For an unknown name, listing the registered ones.
-    """
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown distillation method {name!r}; registered methods: {', '.join(available_methods())}."
-        ) from None

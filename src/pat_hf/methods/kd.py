@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses import cross_entropy, kl_div_loss
+from ..losses import kl_div_loss
 from ..student import student_logits
 from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput, register_method
+from .base import DistillationBatch, DistillationMethod, DistillationOutput
+from .registry import register_method
 
 __all__ = ["KnowledgeDistillation", "NoDistillation"]
 
@@ -25,8 +26,9 @@ class NoDistillation(DistillationMethod):
         if batch.labels is None:
             raise ValueError("distill_method='none' needs labels in every batch.")
         logits = student_logits(student, batch.pixel_values)
-        ce = cross_entropy(logits, batch.labels, self.label_smoothing)
-        return DistillationOutput(loss=self.ce_weight * ce, logits=logits, parts={"ce": ce.detach()})
+        parts: dict[str, torch.Tensor] = {}
+        loss = self.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def evaluate(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         return super().evaluate(student, None, batch)
@@ -47,15 +49,11 @@ class KnowledgeDistillation(DistillationMethod):
     description = "Hinton knowledge distillation on the logits"
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
-        assert teacher is not None and batch.teacher_pixel_values is not None
-        logits = student_logits(student, batch.pixel_values)
+        teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
         with torch.no_grad():
-            teacher_logits = teacher(batch.teacher_pixel_values)
+            teacher_logits = teacher(teacher_pixels)
+        logits = student_logits(student, batch.pixel_values)
         kd = kl_div_loss(logits, teacher_logits, self.temperature)
-        loss = self.kd_weight * kd
         parts = {"kd": kd.detach()}
-        if batch.labels is not None:
-            ce = cross_entropy(logits, batch.labels, self.label_smoothing)
-            loss = loss + self.ce_weight * ce
-            parts["ce"] = ce.detach()
+        loss = self.add_cross_entropy(self.kd_weight * kd, parts, logits, batch.labels)
         return DistillationOutput(loss=loss, logits=logits, parts=parts)

@@ -1,4 +1,5 @@
-"""PAT's region-aware attention (RAA) over the student's stages and the aligners to the teacher's stages."""
+"""PAT's student-side heads: region-aware attention (RAA) over the student's stages, the aligners to the
+teacher's stages, and the feedback aligners that bring the feedback to a prompted stage's input shape."""
 
 from __future__ import annotations
 
@@ -8,16 +9,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..taps import StageSpec, tokens_to_map
+from ...taps import StageSpec, as_map
 
-__all__ = ["RegionAwareAttention", "StageAligner", "as_map", "sinusoidal_positions"]
+__all__ = [
+    "FeedbackAligner",
+    "RegionAwareAttention",
+    "StageAligner",
+    "region_grid",
+    "sinusoidal_positions",
+    "upsample_then_project",
+]
 
 
-def as_map(feature: torch.Tensor, spec: StageSpec) -> torch.Tensor:
-    """A stage feature as a (B, C, H, W) map (token features: patch grid, prefix tokens dropped)."""
-    if spec.kind == "map":
-        return feature
-    return tokens_to_map(feature, spec.prefix_tokens, spec.height, spec.width)[0]
+def region_grid(num_queries: int, num_stages: int = 4) -> int:
+    """The side of each stage's square grid of region tokens: ``num_queries / num_stages`` must be a square.
+
+    Raises:
+        ValueError: When it is not (64 queries: a 4x4 grid per stage).
+    """
+    per_stage = num_queries // num_stages if num_queries > 0 else 0
+    grid = math.isqrt(per_stage)
+    if per_stage * num_stages != num_queries or grid < 1 or grid * grid != per_stage:
+        raise ValueError(
+            f"pat_num_queries must be {num_stages} x a square number (16 regions per stage for 64), got {num_queries}."
+        )
+    return grid
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -52,10 +68,7 @@ class RegionAwareAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.specs = list(student_specs)
-        per_stage = num_queries // len(self.specs)
-        self.grid = math.isqrt(per_stage)
-        if self.grid * self.grid != per_stage:
-            raise ValueError(f"num_queries / {len(self.specs)} must be a square, got {per_stage}")
+        self.grid = region_grid(num_queries, len(self.specs))
         self.dim, self.num_heads = dim, num_heads
         self.kernels = []
         embeds = []
@@ -140,3 +153,16 @@ class StageAligner(nn.Module):
         x = self.proj(self.norm(tokens.transpose(1, 2)).transpose(1, 2))  # (B, grid², C_t)
         x = self.token_proj(self.token_norm(x).transpose(1, 2))  # (B, C_t, H_t·W_t)
         return x.reshape(batch, spec.channels, spec.height, spec.width)
+
+
+class FeedbackAligner(nn.Module):
+    """Brings a feedback map from a stage's output shape to its input shape: nearest resize, BN, 1x1 conv."""
+
+    def __init__(self, source: StageSpec, target: StageSpec) -> None:
+        super().__init__()
+        self.size = (target.height, target.width)
+        self.norm = nn.BatchNorm2d(source.channels)
+        self.proj = nn.Conv2d(source.channels, target.channels, 1)
+
+    def forward(self, feedback: torch.Tensor) -> torch.Tensor:
+        return upsample_then_project(feedback, self.size, self.norm, self.proj)

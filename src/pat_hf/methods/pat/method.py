@@ -15,51 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..losses import cross_entropy, hcl_loss, kl_div_loss
-from ..modules.prompts import AdaptiveFeedbackPrompt
-from ..modules.raa import RegionAwareAttention, StageAligner, as_map, upsample_then_project
-from ..preprocessing import ImageView
-from ..recompute import BlockRecompute
-from ..student import student_logits
-from ..taps import StageSpec, build_taps
-from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput, register_method
+from ...losses import hcl_loss, kl_div_loss
+from ...preprocessing import ImageView
+from ...recompute import BlockRecompute
+from ...student import student_logits
+from ...taps import StageSpec, as_map, build_taps
+from ...teacher import Teacher
+from ..base import DistillationBatch, DistillationMethod, DistillationOutput, check_stage_list, init_head_weights
+from ..registry import register_method
+from .heads import FeedbackAligner, RegionAwareAttention, StageAligner, region_grid
+from .prompts import AdaptiveFeedbackPrompt
 
-__all__ = ["FeedbackAligner", "PerspectiveAwareTeaching"]
+if TYPE_CHECKING:
+    from ...configuration import PATTrainingArguments
 
-
-class FeedbackAligner(nn.Module):
-    """Brings a feedback map from a stage's output shape to its input shape: nearest resize, BN, 1x1 conv."""
-
-    def __init__(self, source: StageSpec, target: StageSpec) -> None:
-        super().__init__()
-        self.size = (target.height, target.width)
-        self.norm = nn.BatchNorm2d(source.channels)
-        self.proj = nn.Conv2d(source.channels, target.channels, 1)
-
-    def forward(self, feedback: torch.Tensor) -> torch.Tensor:
-        return upsample_then_project(feedback, self.size, self.norm, self.proj)
-
-
-def _init_student_side(module: nn.Module) -> None:
-    # The paper's initialisation of the added student-side modules (the prompts keep PyTorch's defaults).
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+__all__ = ["PerspectiveAwareTeaching"]
 
 
 def _map_spec(spec: StageSpec) -> StageSpec:
@@ -81,10 +56,23 @@ class PerspectiveAwareTeaching(DistillationMethod):
     default_label_smoothing = 0.1
     description = "Perspective-Aware Teaching: feedback prompts in the teacher, region-aware attention, HCL"
 
-    def __init__(self, args: Any, student: nn.Module, teacher: Teacher | None) -> None:
+    @classmethod
+    def validate_args(cls, args: PATTrainingArguments) -> None:
+        """``pat_prompt_stages``: distinct stages among 1-4 (or none); ``pat_num_queries``: 4 x a square;
+        ``pat_dim``: a positive multiple of ``pat_num_heads``; the loss weights finite and >= 0."""
+        check_stage_list(args, "pat_prompt_stages")
+        region_grid(args.pat_num_queries)
+        if args.pat_dim <= 0 or args.pat_num_heads <= 0 or args.pat_dim % args.pat_num_heads:
+            raise ValueError(
+                f"pat_dim ({args.pat_dim}) must be a positive multiple of pat_num_heads ({args.pat_num_heads})."
+            )
+        for name in ("pat_feature_weight", "pat_reg_weight"):
+            value = getattr(args, name)
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be >= 0 and finite (0 switches the term off), got {value}.")
+
+    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__(args, student, teacher)
-        if teacher is None:
-            raise ValueError("distill_method='pat' needs a teacher.")
         self.feature_weight = float(args.pat_feature_weight)
         self.reg_weight = float(args.pat_reg_weight)
         self.use_feedback = bool(args.pat_feedback)
@@ -119,8 +107,8 @@ class PerspectiveAwareTeaching(DistillationMethod):
         self.aligners = nn.ModuleList(
             StageAligner(spec, self.num_queries // 4, self.dim) for spec in self.teacher_output_specs
         )
-        _init_student_side(self.raa)
-        _init_student_side(self.aligners)
+        init_head_weights(self.raa)
+        init_head_weights(self.aligners)
         # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
         self.feedback: list[torch.Tensor | None] = [None] * 4
         # Hooks on the frozen teacher's blocks, installed on first use: with them, the prompted pass keeps only
@@ -164,7 +152,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
     # ---- one training step -------------------------------------------------------------------------------
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
-        assert teacher is not None and batch.teacher_pixel_values is not None
+        teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
         # The prompts see the previous step's feedback, not this step's student, so the order of the passes is
         # free; it is chosen for peak memory. Autograd runs the backward in reverse creation order:
         # - by default the prompted teacher pass comes last, so the backward walks it (and frees its saved
@@ -172,12 +160,12 @@ class PerspectiveAwareTeaching(DistillationMethod):
         # - with the teacher's blocks recomputed it comes first, so the backward frees the student's activations
         #   before it recomputes the teacher's blocks.
         with torch.no_grad():
-            plain_logits = teacher(batch.teacher_pixel_values)
+            plain_logits = teacher(teacher_pixels)
         if self.checkpoint_teacher:
-            prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
+            prompted = self.prompted_teacher_forward(teacher, teacher_pixels, self.feedback)
         logits, aligned = self._student_side(student, batch.pixel_values)
         if not self.checkpoint_teacher:
-            prompted = self.prompted_teacher_forward(teacher, batch.teacher_pixel_values, self.feedback)
+            prompted = self.prompted_teacher_forward(teacher, teacher_pixels, self.feedback)
         prompted_logits, teacher_features = prompted
         targets = self._targets(teacher_features)
         feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
@@ -185,10 +173,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         reg = kl_div_loss(prompted_logits, plain_logits, self.temperature)
         loss = self.kd_weight * kd + self.feature_weight * feature + self.reg_weight * reg
         parts = {"kd": kd.detach(), "hcl": feature.detach(), "reg": reg.detach()}
-        if batch.labels is not None:
-            ce = cross_entropy(logits, batch.labels, self.label_smoothing)
-            loss = loss + self.ce_weight * ce
-            parts["ce"] = ce.detach()
+        loss = self.add_cross_entropy(loss, parts, logits, batch.labels)
         self.feedback = [(a - t).detach() for a, t in zip(aligned, targets)]
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 

@@ -1,0 +1,303 @@
+"""Pushing the student to the Hub: :class:`HubPushMixin` (Trainer's push methods, the student alone) and the
+explanation of refused pushes (:func:`explain_push_error`).
+
+Trainer uploads all of output_dir but checkpoints (training_args.bin, logs, results, a processor saved there); a
+pat_hf repo's root holds the student export alone, so each upload reads a snapshot of hard links to
+:func:`pat_hf.export.hub_files` only. Checkpoints (``hub_strategy="checkpoint"`` / ``"all_checkpoints"``) go to a
+subfolder, as in Trainer, so that they can be downloaded and resumed. Snapshots also keep background uploads
+consistent while checkpoints are renamed from their staging folder, rotated away, or written next to them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import get_token
+
+from .errors import HubPushError
+from .export import hub_files
+from .model_card import ModelCardInfo, render_model_card
+from .student import is_timm_model
+from .version import __version__
+
+__all__ = ["HubPushError", "HubPushMixin", "explain_push_error"]
+
+logger = logging.getLogger(__name__)
+
+HUB_SNAPSHOT_PREFIX = "_hub-push-"
+
+
+def _token_source(token: str | bool | None) -> str:
+    if isinstance(token, str):
+        return "the token passed as hub_token (--hub_token)"
+    if os.environ.get("HF_TOKEN"):
+        return "the token in the HF_TOKEN environment variable"
+    return "the token saved by `hf auth login`"
+
+
+def explain_push_error(
+    err: HfHubHTTPError, repo_id: str, token: str | bool | None, endpoint: str | None = None
+) -> HfHubHTTPError:
+    """Turns the Hub's 401/403/404 on a push into a :class:`HubPushError` that says what is wrong and how to fix it.
+
+    Args:
+        err: The error ``create_repo`` / ``upload_folder`` raised.
+        repo_id: The repo being pushed to.
+        token: The token given to the push (None: HF_TOKEN or the saved login).
+        endpoint: The Hub's URL (default ``HF_ENDPOINT``).
+
+    Returns:
+        A :class:`HubPushError`, or ``err`` itself for other failures (server errors, network).
+    """
+    endpoint = endpoint or constants.ENDPOINT
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    fix_token = (
+        f"Create a token with write access at {endpoint}/settings/tokens and pass it as hub_token= "
+        "(--hub_token), set HF_TOKEN, or run `hf auth login`."
+    )
+    has_token = isinstance(token, str) or (token is not False and get_token() is not None)
+    server_message = (getattr(err, "server_message", None) or "").strip().rstrip(".")
+    server = f" The Hub said: {server_message}." if server_message else ""
+    if status == 401 and not has_token:
+        message = f"Cannot push to the Hub repo {repo_id!r}: no Hugging Face token was found (HTTP 401). {fix_token}"
+    elif status == 401 and not isinstance(err, RepositoryNotFoundError):
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: the Hub rejected {_token_source(token)} as invalid or "
+            f"expired (HTTP 401).{server} {fix_token}"
+        )
+    elif status == 403:
+        namespace, _, name = repo_id.rpartition("/")
+        try:
+            user = HfApi(endpoint=endpoint).whoami(token=token if isinstance(token, str) else None)["name"]
+        except Exception:  # only improves the hint; the push already failed for the reason given above
+            user = None
+        mine = f" (e.g. hub_model_id='{user}/{name}')" if user else ""
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: {_token_source(token)} may not write there (HTTP 403)."
+            f"{server} Push to your own namespace{mine} or to an organization where you have write access, or "
+            f"use a token with write permission on {namespace or repo_id!r} (a fine-grained token needs "
+            "'write' on that repo or organization)."
+        )
+    elif isinstance(err, RepositoryNotFoundError):
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r}: it does not exist or {_token_source(token)} cannot see it "
+            f"(HTTP {status}).{server} Check hub_model_id, and that the token belongs to an account with access."
+        )
+    else:
+        return err
+    return HubPushError(message, response=err.response, server_message=getattr(err, "server_message", None))
+
+
+class HubPushMixin:
+    """Model card and Hub push for :class:`pat_hf.PATDistillationTrainer` (mixed in before ``Trainer``)."""
+
+    def model_card_info(self, model_name: str | None = None, dataset: str | None = None) -> ModelCardInfo:
+        """Collects what the model card says: teacher, method settings, data, last evaluation metrics."""
+        student = self.student
+        metrics: dict[str, float] = {}
+        for entry in self.state.log_history if self.state is not None else []:
+            metrics.update({k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))})
+        metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "_steps_per_second"))}
+        args = self.args
+        hyper = {
+            "learning_rate": args.learning_rate,
+            "train_batch_size (total)": args.per_device_train_batch_size
+            * max(1, args.world_size)
+            * args.gradient_accumulation_steps,
+            # What was trained (a max_steps run may stop before num_train_epochs), not what was asked for.
+            "epochs": round(float(self.state.epoch), 2)
+            if self.state is not None and self.state.epoch
+            else args.num_train_epochs,
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "seed": args.seed,
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        }
+        arch = student.pretrained_cfg.get("architecture") if is_timm_model(student) else type(student).__name__
+        return ModelCardInfo(
+            model_name=model_name
+            or (args.hub_model_id.split("/")[-1] if args.hub_model_id else None)
+            or os.path.basename(os.path.normpath(args.output_dir)),
+            student_architecture=str(arch),
+            method_settings=self.method.settings(),
+            teacher=self.teacher.describe() if self.teacher is not None else None,
+            dataset=dataset or self.dataset_name,
+            metrics=metrics,
+            class_names=self.class_names,
+            hyperparameters=hyper,
+            repo_id=args.hub_model_id,
+            library_name="timm" if is_timm_model(student) else "transformers",
+        )
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:
+        """Writes README.md for the exported student (Trainer's version reads ``model.config``, which the
+        wrapper lacks)."""
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(render_model_card(self.model_card_info(model_name=model_name, dataset=dataset)))
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the repo ``args.hub_model_id``; a refused token or namespace raises
+        :class:`pat_hf.HubPushError` saying what to change."""
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except HfHubHTTPError as err:
+            repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+            raise explain_push_error(err, repo_id, token if token is not None else self.args.hub_token) from err
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Saves the student to ``output_dir`` and uploads it alone: ``config.json``, ``model.safetensors`` and
+        ``README.md`` for a timm student (never the teacher, the method's heads or state, logs or checkpoints).
+
+        Args:
+            commit_message: Message of the commit.
+            blocking: Wait for the upload; otherwise return a ``Future``.
+            token: Token with write access; default ``args.hub_token``, then ``HF_TOKEN`` / ``hf auth login``.
+            revision: Branch to commit to; default ``args.hub_revision`` (the default branch).
+            private: Whether a repo created now is private; default ``args.hub_private_repo``.
+            **kwargs: ``model_name`` and ``dataset`` for the model card.
+
+        Returns:
+            The ``CommitInfo`` (a ``Future`` of it when ``blocking=False``); None on processes other than the
+            main one.
+
+        Raises:
+            pat_hf.HubPushError: The Hub refused the token or the repo (HTTP 401/403/404); nothing was
+                uploaded and the local export stays as saved.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        # On every process: FSDP/DeepSpeed gather the weights collectively; only the main process writes.
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=kwargs.pop("model_name", None), dataset=kwargs.pop("dataset", None))
+        self._finish_current_push()
+        try:
+            return self._upload_snapshot(
+                self.args.output_dir,
+                hub_files(self.student),
+                repo_id=self.hub_model_id,
+                commit_message=commit_message,
+                token=token,
+                run_as_future=not blocking,
+                revision=revision if revision is not None else self.args.hub_revision,
+            )
+        except HfHubHTTPError as err:
+            raise explain_push_error(err, self.hub_model_id, token) from err
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """As Trainer's: the repo root gets the checkpoint's student (plus a model card with the metrics so
+        far); the whole checkpoint, method state and manifest included, goes to ``last-checkpoint/`` or
+        ``checkpoint-N/`` only with ``hub_strategy="checkpoint"`` / ``"all_checkpoints"``."""
+        from transformers.trainer_utils import HubStrategy, SaveStrategy
+        from transformers.utils.hub import PushInProgress
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        # As Trainer: skip this push while the previous one is still uploading, unless hub_always_push.
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        patterns = hub_files(self.student)
+        # As Trainer, output_dir gets the checkpoint's student: copying it avoids gathering the weights again.
+        for name in os.listdir(checkpoint_folder):
+            if name != "README.md" and any(fnmatch.fnmatch(name, p) for p in patterns):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        self.create_model_card()
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        common = {
+            "repo_id": self.hub_model_id,
+            "token": self.args.hub_token,
+            "revision": self.args.hub_revision,
+            "run_as_future": True,
+        }
+        jobs = [self._upload_snapshot(output_dir, patterns, commit_message=commit_message, **common)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            name = os.path.basename(os.path.normpath(checkpoint_folder))
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else name
+            message = commit_message + ", checkpoint"
+            jobs.append(
+                self._upload_snapshot(
+                    checkpoint_folder, None, path_in_repo=path_in_repo, commit_message=message, **common
+                )
+            )
+        for job in jobs:
+            job.add_done_callback(self._warn_failed_push)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    def _upload_snapshot(self, folder: str, patterns: list[str] | None, *, run_as_future: bool, **kwargs: Any) -> Any:
+        """``upload_folder`` of a hard-link snapshot of ``folder`` (its top-level files matching ``patterns``, or
+        everything), removed once uploaded."""
+        snapshot = _link_snapshot(folder, os.path.join(self.args.output_dir, HUB_SNAPSHOT_PREFIX), patterns)
+        try:
+            result = self._hf_api().upload_folder(folder_path=snapshot, run_as_future=run_as_future, **kwargs)
+        except BaseException:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+        if run_as_future:
+            result.add_done_callback(lambda _: shutil.rmtree(snapshot, ignore_errors=True))
+        else:
+            shutil.rmtree(snapshot, ignore_errors=True)
+        return result
+
+    def _warn_failed_push(self, job: Any) -> None:
+        # Trainer waits for background pushes without looking at their outcome; a failed one would go unnoticed.
+        err = None if job.cancelled() else job.exception()
+        if isinstance(err, HfHubHTTPError):
+            err = explain_push_error(err, self.hub_model_id, self.args.hub_token)
+        if err is not None:
+            logger.warning("A push to the Hub failed (training goes on): %s", err)
+
+    def _hf_api(self) -> Any:
+        # One client per trainer: its single worker thread keeps background commits in submission order.
+        api = getattr(self, "_hub_api", None)
+        if api is None:
+            api = self._hub_api = HfApi(library_name="pat_hf", library_version=__version__)
+        return api
+
+
+def _link_snapshot(folder: str, prefix: str, patterns: list[str] | None = None) -> str:
+    """A new folder named ``prefix...`` holding hard links (copies across devices) to ``folder``'s files: all of
+    them, or only its top-level files matching ``patterns``."""
+    snapshot = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
+    for root, _, files in os.walk(folder):
+        relative = os.path.relpath(root, folder)
+        if patterns is not None and relative != ".":
+            continue
+        os.makedirs(os.path.join(snapshot, relative), exist_ok=True)
+        for name in files:
+            if patterns is not None and not any(fnmatch.fnmatch(name, p) for p in patterns):
+                continue
+            source, target = os.path.join(root, name), os.path.join(snapshot, relative, name)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    return snapshot

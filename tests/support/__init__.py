@@ -1,0 +1,1 @@
+"""Test support: shared helpers (tiny.py), the local Hub server and the multi-process worker scripts."""

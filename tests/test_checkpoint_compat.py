@@ -1,0 +1,55 @@
+"""A checkpoint written by pat_hf 0.1.0 (before the package's layout changed) still resumes, exactly.
+
+``tests/data/legacy_v0_1_ofa`` was written by pat_hf 0.1.0 (commit 195dd0e): a tiny transformers ConvNeXt teacher
+saved with ``save_pretrained``, and ``checkpoint-4`` (the end of the first epoch) of an 8-step OFA run (timm resnet10t with 8-64 channels,
+16 images of ``make_image_dataset(n=16, size=32)``, batch 4, constant learning rate 1e-3, seed 0), plus the
+student's weights after all 8 steps of that same run (``final_student_old_code.safetensors``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from support.tiny import make_image_dataset, tiny_args
+
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_v0_1_ofa")
+
+
+def test_a_0_1_checkpoint_resumes_to_the_same_weights(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(LEGACY, "checkpoint-4"), run / "checkpoint-4")
+    torch.manual_seed(0)
+    student = create_student("resnet10t", num_classes=3, stem_width=8, channels=(8, 16, 32, 64))
+    train = with_image_transforms(
+        make_image_dataset(n=16, size=32), ImageView.from_timm(student), ImageView(size=(32, 32)), train=True
+    )
+    args = tiny_args(
+        tmp_path,
+        output_dir=str(run),
+        distill_method="ofa",
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+    )
+    trainer = PATDistillationTrainer(
+        model=student, teacher=os.path.join(LEGACY, "teacher"), args=args, train_dataset=train
+    )
+    trainer.train(resume_from_checkpoint=True)
+
+    assert trainer.state.global_step == 8
+    expected = load_file(os.path.join(LEGACY, "final_student_old_code.safetensors"))
+    got = trainer.student.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+    # The new checkpoint is written in the same format: student, method state, manifest.
+    assert {"model.safetensors", "distill_state.safetensors", "distill_manifest.json"} <= set(
+        os.listdir(run / "checkpoint-8")
+    )
