@@ -132,6 +132,11 @@ class CheckpointMixin:
             "class_names": self.class_names,
         }
 
+    @staticmethod
+    def _read_manifest(checkpoint: str) -> dict[str, Any]:
+        with open(os.path.join(checkpoint, MANIFEST_NAME), encoding="utf-8") as f:
+            return json.load(f)
+
     def _check_manifest(self, checkpoint: str, resuming: bool = True) -> None:
         path = os.path.join(checkpoint, MANIFEST_NAME)
         if not os.path.isfile(path):
@@ -141,8 +146,7 @@ class CheckpointMixin:
                 f"{checkpoint!r} was not written by pat_hf (no {MANIFEST_NAME}). "
                 + ("Cannot resume from it." if resuming else "Use another output_dir, or move its checkpoints away.")
             )
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = self._read_manifest(checkpoint)
         current = self.manifest()
         diffs = []
         for key in ("method", "teacher", "student", "class_names"):
@@ -183,7 +187,21 @@ class CheckpointMixin:
 
             saved = load_file(state_path, device=str(self.args.device))
             extra = {k[len(EXTRA_STATE_PREFIX) :]: v for k, v in saved.items() if k.startswith(EXTRA_STATE_PREFIX)}
-            wrapper.method.load_state_dict({k: v for k, v in saved.items() if not k.startswith(EXTRA_STATE_PREFIX)})
+            state = {k: v for k, v in saved.items() if not k.startswith(EXTRA_STATE_PREFIX)}
+            expected = wrapper.method.state_dict()
+            mismatched = sorted(set(state) ^ set(expected)) + sorted(
+                k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+            )
+            if mismatched:
+                version = self._read_manifest(resume_from_checkpoint).get("pat_hf_version", "unknown")
+                raise ValueError(
+                    f"{state_path} does not fit the {wrapper.method.name!r} heads of this pat_hf ({__version__}); it was "
+                    f"written by pat_hf {version} (first differing tensors: {mismatched[:4]}). pat_hf 0.2 made PAT's "
+                    "aligners identical to the official modules (no 1x1-conv biases, the token aligner's norms over the "
+                    "queries and the channels), so a PAT checkpoint of 0.1 cannot be resumed: start a new run in "
+                    "another output_dir, or finish that run with pat_hf 0.1."
+                )
+            wrapper.method.load_state_dict(state)
             wrapper.method.load_extra_state_tensors(extra)
 
     def _load_best_model(self) -> None:

@@ -126,9 +126,12 @@ def upsample_then_project(x: torch.Tensor, size: tuple[int, int], norm: nn.Modul
 class StageAligner(nn.Module):
     """Maps (B, grid², D) region tokens to the teacher's stage output, returned as a (B, C_t, H_t, W_t) map.
 
-    Map teachers: grid² tokens -> (D, grid, grid) -> nearest upsample to (H_t, W_t) -> BatchNorm2d -> 1x1 conv.
-    Token teachers: BatchNorm1d + Linear(D -> C_t) over channels, then BatchNorm1d + Linear(grid² -> H_t·W_t)
-    over tokens (patch tokens only), reshaped to the patch grid.
+    As the official modules, to the parameter:
+
+    - map teachers: grid² tokens -> (D, grid, grid) -> nearest upsample to (H_t, W_t) -> BatchNorm2d(D) -> bias-free
+      1x1 conv (D -> C_t);
+    - token teachers: BatchNorm1d over the grid² tokens (as channels), Linear(D -> C_t); then, transposed,
+      BatchNorm1d over the C_t channels, Linear(grid² -> H_t·W_t) (patch tokens only), reshaped to the patch grid.
     """
 
     def __init__(self, teacher_spec: StageSpec, num_tokens: int, dim: int = 512) -> None:
@@ -137,11 +140,11 @@ class StageAligner(nn.Module):
         self.grid = math.isqrt(num_tokens)
         if teacher_spec.kind == "map":
             self.norm = nn.BatchNorm2d(dim)
-            self.proj = nn.Conv2d(dim, teacher_spec.channels, 1)
+            self.proj = nn.Conv2d(dim, teacher_spec.channels, 1, bias=False)
         else:
-            self.norm = nn.BatchNorm1d(dim)
-            self.proj = nn.Linear(dim, teacher_spec.channels)
             self.token_norm = nn.BatchNorm1d(num_tokens)
+            self.proj = nn.Linear(dim, teacher_spec.channels)
+            self.channel_norm = nn.BatchNorm1d(teacher_spec.channels)
             self.token_proj = nn.Linear(num_tokens, teacher_spec.num_patches)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -150,19 +153,20 @@ class StageAligner(nn.Module):
         if spec.kind == "map":
             x = tokens.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
             return upsample_then_project(x, (spec.height, spec.width), self.norm, self.proj)
-        x = self.proj(self.norm(tokens.transpose(1, 2)).transpose(1, 2))  # (B, grid², C_t)
-        x = self.token_proj(self.token_norm(x).transpose(1, 2))  # (B, C_t, H_t·W_t)
+        x = self.proj(self.token_norm(tokens))  # (B, grid², C_t)
+        x = self.token_proj(self.channel_norm(x.transpose(1, 2)))  # (B, C_t, H_t·W_t)
         return x.reshape(batch, spec.channels, spec.height, spec.width)
 
 
 class FeedbackAligner(nn.Module):
-    """Brings a feedback map from a stage's output shape to its input shape: nearest resize, BN, 1x1 conv."""
+    """Brings a feedback map from a stage's output shape to its input shape: nearest resize, BN, bias-free 1x1
+    conv (as the official module)."""
 
     def __init__(self, source: StageSpec, target: StageSpec) -> None:
         super().__init__()
         self.size = (target.height, target.width)
         self.norm = nn.BatchNorm2d(source.channels)
-        self.proj = nn.Conv2d(source.channels, target.channels, 1)
+        self.proj = nn.Conv2d(source.channels, target.channels, 1, bias=False)
 
     def forward(self, feedback: torch.Tensor) -> torch.Tensor:
         return upsample_then_project(feedback, self.size, self.norm, self.proj)
