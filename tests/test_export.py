@@ -129,3 +129,89 @@ def test_checkpoint_holds_student_and_manifest(tmp_path):
     assert manifest["teacher"]["fingerprint"] == trainer.teacher.fingerprint()
     # The checkpoint's weights are a loadable timm student too (no teacher, no 'student.' prefix).
     assert set(load_file(os.path.join(ckpt, "model.safetensors"))) == set(student.state_dict())
+
+
+# ---- students built from their timm class with their own arguments ------------------------------------------
+
+MIXER = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_blocks": 2}
+
+
+def test_an_entrypoint_that_fixes_an_argument_gets_a_message_naming_the_class():
+    with pytest.raises(ValueError, match=r"(?s)fixes 'patch_size'.*model_class='timm.models.mlp_mixer.MlpMixer'"):
+        create_student("mixer_s16_224", num_classes=3, **MIXER)
+
+
+def _distil_and_export(tmp_path, student, **trainer_kwargs):
+    dataset = make_image_dataset(n=8, size=16)
+    view = ImageView.from_timm(student)
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=tiny_teacher("vit"),
+        args=tiny_args(tmp_path, distill_method="kd", max_steps=1),
+        train_dataset=with_image_transforms(dataset, view, None, train=True),
+        **trainer_kwargs,
+    )
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
+def _load_as_the_model_card_says(folder):
+    """The snippet of the model card of a class-built student: timm, safetensors and the standard library only."""
+    import importlib
+
+    config = json.load(open(os.path.join(folder, "config.json")))
+    module, name = config["model_class"].rsplit(".", 1)
+    model_class = getattr(importlib.import_module(module), name)
+    model = model_class(**config.get("model_args", {}), num_classes=config["num_classes"])
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    return model.eval()
+
+
+@pytest.mark.parametrize("how", ["create_student", "build_model_with_cfg"])
+def test_a_class_built_student_exports_a_model_that_reloads(tmp_path, how):
+    from timm.models import build_model_with_cfg
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    if how == "create_student":
+        student = create_student("mixer_s16_224", num_classes=3, model_class=MlpMixer, **MIXER)
+        trainer = _distil_and_export(tmp_path, student)
+    else:  # built by hand: the arguments come with student_model_args
+        student = build_model_with_cfg(MlpMixer, "mixer_s16_224", pretrained=False, num_classes=3, **MIXER)
+        trainer = _distil_and_export(tmp_path, student, student_model_args=dict(MIXER))
+    out = trainer.args.output_dir
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_class"] == "timm.models.mlp_mixer.MlpMixer"
+    card = open(os.path.join(out, "README.md")).read()
+    assert "model_class" in card and "timm.create_model" in card and "pretrained=True).eval()" not in card
+    model = _load_as_the_model_card_says(out)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.student.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_a_class_built_student_without_its_arguments_is_refused_before_training(tmp_path):
+    from timm.models import build_model_with_cfg
+    from timm.models.mlp_mixer import MlpMixer
+
+    student = build_model_with_cfg(MlpMixer, "mixer_s16_224", pretrained=False, num_classes=3, **MIXER)
+    with pytest.raises(ValueError, match=r"(?s)would not load back.*student_model_args="):
+        _distil_and_export(tmp_path, student)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_class_built_student_whose_entrypoint_takes_the_arguments_reloads_with_timm(tmp_path):
+    from timm.models import build_model_with_cfg
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    student = build_model_with_cfg(VisionTransformer, "vit_tiny_patch16_224", pretrained=False, num_classes=3, **args)
+    trainer = _distil_and_export(tmp_path, student, student_model_args=args)
+    config = json.load(open(os.path.join(trainer.args.output_dir, "config.json")))
+    assert "model_class" not in config  # timm's registry rebuilds it
+    model = timm.create_model(f"local-dir:{trainer.args.output_dir}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.student.eval()(x), rtol=0, atol=1e-6)

@@ -441,5 +441,7 @@ def test_a_checkpoint_with_other_head_shapes_is_refused_naming_the_file(tmp_path
     state[key.replace("weight", "bias")] = torch.zeros(state[key].shape[0])
     save_file(state, state_file)
     again = pat_trainer(tmp_path, "convnext", max_steps=2, save_strategy="steps", save_steps=1)
-    with pytest.raises(ValueError, match=r"(?s)distill_state.safetensors does not fit the 'pat' heads.*written by pat_hf"):
+    with pytest.raises(
+        ValueError, match=r"(?s)distill_state.safetensors does not fit the 'pat' heads.*written by pat_hf"
+    ):
         again.train(resume_from_checkpoint=True)

@@ -228,6 +228,7 @@ class CheckpointMixin:
             state_dict=student_sd,
             class_names=self.class_names,
             model_args=self.student_model_args,
+            model_class=wrapper.student_model_class,
             card=None if is_checkpoint else self.model_card_info(),
             image_processor=self.processing_class if is_transformers_model(wrapper.student) else None,
         )

@@ -58,6 +58,7 @@ def export_student(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     class_names: list[str] | None = None,
     model_args: dict[str, Any] | None = None,
+    model_class: str | None = None,
     card: ModelCardInfo | None = None,
     image_processor: Any = None,
 ) -> None:
@@ -74,6 +75,8 @@ def export_student(
             default ``student.state_dict()``.
         class_names: Class names in output order (``label_names`` / ``id2label``).
         model_args: Extra ``timm.create_model`` arguments to record (older timm does not record them itself).
+        model_class: Dotted path of the class a timm student loads with when timm's registry cannot rebuild it
+            (recorded as ``model_class`` in config.json; the model card shows how to load it).
         card: Model-card content; no README.md when None.
         image_processor: The image processor of a transformers student.
     """
@@ -96,9 +99,15 @@ def export_student(
         # transformers' TimmWrapper passes num_classes itself (from num_labels) and would get it twice; timm
         # reads it from the root of config.json anyway.
         config = read_json(config_path)
-        if isinstance(config.get("model_args"), dict) and config["model_args"].pop("num_classes", None) is not None:
-            if not config["model_args"]:
-                del config["model_args"]
+        changed = (
+            isinstance(config.get("model_args"), dict) and config["model_args"].pop("num_classes", None) is not None
+        )
+        if changed and not config["model_args"]:
+            del config["model_args"]
+        if model_class is not None:
+            config["model_class"] = model_class
+            changed = True
+        if changed:
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
         save_file(tensors, os.path.join(output_dir, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -134,6 +134,7 @@ class HubPushMixin:
             hyperparameters=hyper,
             repo_id=args.hub_model_id,
             library_name="timm" if is_timm_model(student) else "transformers",
+            model_class=self.accelerator.unwrap_model(self.model).student_model_class,
         )
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:

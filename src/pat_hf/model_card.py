@@ -51,6 +51,7 @@ class ModelCardInfo:
         hyperparameters: Training hyper-parameters worth recording.
         repo_id: Hub repository id, for the usage snippets.
         library_name: ``timm`` or ``transformers`` (the student's library).
+        model_class: Dotted path of the class a timm student loads with when timm's registry cannot rebuild it.
     """
 
     model_name: str
@@ -63,6 +64,7 @@ class ModelCardInfo:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     repo_id: str | None = None
     library_name: str = "timm"
+    model_class: str | None = None
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -130,6 +132,7 @@ def build_model_card(info: ModelCardInfo) -> Any:
         metrics=metrics,
         class_names=info.class_names,
         repo=info.repo_id or "ORG/NAME",
+        model_class=info.model_class,
         citations=citations,
     )
 

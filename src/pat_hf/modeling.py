@@ -44,6 +44,8 @@ class DistillationModel(nn.Module):
             none).
         class_names: The dataset's class names in output order, when known.
         student_model_args: The ``timm.create_model`` arguments the student was built with (for its export).
+        student_model_class: Dotted path of the timm class the export loads with, when timm's registry cannot
+            rebuild it (a student built from its class); None when ``timm.create_model`` can.
     """
 
     # Trainer reads these: the loss is a per-batch mean, so Trainer must divide it by the accumulation steps.
@@ -59,6 +61,7 @@ class DistillationModel(nn.Module):
         student_view: ImageView,
         class_names: list[str] | None = None,
         student_model_args: dict[str, Any] | None = None,
+        student_model_class: str | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -67,6 +70,7 @@ class DistillationModel(nn.Module):
         self.student_view = student_view
         self.class_names = class_names
         self.student_model_args = student_model_args
+        self.student_model_class = student_model_class
 
     def forward(
         self,
@@ -181,8 +185,9 @@ def build_distillation_model(
         )
     if student_model_args is None:  # what create_student recorded (older timm records nothing itself)
         student_model_args = getattr(student, "pat_hf_model_args", None)
+    model_class = None
     if is_timm_model(student):
-        check_timm_rebuildable(student, student_model_args)
+        model_class = check_timm_rebuildable(student, student_model_args, getattr(student, "pat_hf_model_class", None))
     elif not is_transformers_model(student):
         raise TypeError(
             f"The student must be a timm model or a transformers image classifier, got {type(student).__name__}."
@@ -190,5 +195,11 @@ def build_distillation_model(
     view = student_view(student, processing_class)
     method = method_cls(args, student, loaded)
     return DistillationModel(
-        student, method, loaded, view, class_names=class_names, student_model_args=student_model_args
+        student,
+        method,
+        loaded,
+        view,
+        class_names=class_names,
+        student_model_args=student_model_args,
+        student_model_class=model_class,
     )

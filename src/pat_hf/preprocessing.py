@@ -47,8 +47,8 @@ class ImageView:
         cfg = timm.data.resolve_model_data_config(model)
         size = tuple(cfg["input_size"][-2:])
         # A ViT built with img_size=32 keeps the source checkpoint's 224 in pretrained_cfg; its patch
-        # embedding knows the size it really accepts.
-        patch_embed = getattr(model, "patch_embed", None)
+        # embedding (timm's MLP-Mixer: its stem) knows the size it really accepts.
+        patch_embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
         img_size = getattr(patch_embed, "img_size", None)
         if img_size is not None and getattr(patch_embed, "strict_img_size", True):
             size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

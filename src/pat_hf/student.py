@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from typing import Any
 
 import torch
@@ -38,9 +39,16 @@ def create_student(
     pretrained: bool | None = None,
     img_size: int | None = None,
     pretrained_cfg_overlay: dict[str, Any] | None = None,
+    model_class: type[nn.Module] | str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Creates a timm student by architecture name, ``hf-hub:`` id or ``local-dir:`` path.
+
+    Some timm entrypoints fix architecture arguments (``mixer_s16_224`` fixes ``patch_size``, ``num_blocks`` and
+    ``embed_dim``) and refuse them as overrides. Such a student is built from its class with ``model_class=``
+    (e.g. ``timm.models.mlp_mixer.MlpMixer``): every architecture argument is then yours to give (unspecified
+    ones take the class's defaults, not the entrypoint's), the name only supplies the ``pretrained_cfg``
+    (normalisation, crop). Its export records the class, and its model card says how to load it.
 
     Args:
         name: A timm architecture (``resnet18``), ``hf-hub:org/name`` or ``local-dir:/path``.
@@ -50,13 +58,17 @@ def create_student(
         img_size: Input size. Passed to models with a fixed size (ViT, Swin, Mixer); for every model also
             recorded as the input size in its ``pretrained_cfg``, so training and the export preprocess alike.
         pretrained_cfg_overlay: Overrides for the student's ``pretrained_cfg`` (mean, std, crop_pct, ...).
-        **kwargs: Further ``timm.create_model`` arguments.
+        model_class: Build the model from this timm model class (or its dotted path) with ``kwargs`` as its
+            constructor arguments, through ``timm.models.build_model_with_cfg``, instead of through the name's
+            entrypoint. No pretrained weights.
+        **kwargs: Further ``timm.create_model`` arguments (the class's constructor arguments with ``model_class``).
 
     Returns:
         The timm model.
 
     Raises:
-        ValueError: When the name is neither a timm architecture nor a hub / local-dir id.
+        ValueError: When the name is neither a timm architecture nor a hub / local-dir id, or when the name's
+            entrypoint fixes an argument given in ``kwargs`` (the message names the class to use).
     """
     import timm
 
@@ -84,20 +96,83 @@ def create_student(
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
     built_with = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    if model_class is not None:
+        return _create_from_class(name, model_class, img_size, kwargs, built_with)
     if img_size is None:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = _create_by_name(name, pretrained, kwargs)
     else:
         try:
-            model = timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+            model = _create_by_name(name, pretrained, {**kwargs, "img_size": img_size})
             built_with["img_size"] = img_size
         except TypeError as err:
             # CNNs take any input size and have no img_size argument: the size only goes to pretrained_cfg.
             if "img_size" not in str(err):
                 raise
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            model = _create_by_name(name, pretrained, kwargs)
     # Older timm releases do not record construction arguments; the export needs them to rebuild the model.
     model.pat_hf_model_args = built_with
     return model
+
+
+_FIXED_ARGUMENT = re.compile(r"got multiple values for keyword argument '(\w+)'")
+
+
+def _create_by_name(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, turning an entrypoint's refusal of a fixed argument into a message that says how to
+    build such a student."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        match = _FIXED_ARGUMENT.search(str(err))
+        if match is None:
+            raise
+        with torch.device("meta"):
+            model_class = type(timm.create_model(name, pretrained=False))
+        path = f"{model_class.__module__}.{model_class.__qualname__}"
+        raise ValueError(
+            f"timm's entrypoint {name!r} fixes {match.group(1)!r} (and may fix other architecture arguments), so it "
+            f"cannot be changed through the name. Build the student from its class, giving every architecture "
+            f"argument: create_student({name!r}, model_class={path!r}, ...) (or "
+            f"timm.models.build_model_with_cfg({model_class.__name__}, {name!r}, ...) with student_model_args= "
+            "the arguments you gave). Its export will load with the class, as its model card shows."
+        ) from err
+
+
+def _create_from_class(
+    name: str, model_class: type[nn.Module] | str, img_size: Any, kwargs: dict[str, Any], built_with: dict[str, Any]
+) -> nn.Module:
+    from timm.models import build_model_with_cfg
+
+    cls = resolve_model_class(model_class) if isinstance(model_class, str) else model_class
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+        built_with["img_size"] = img_size
+    model = build_model_with_cfg(cls, name, pretrained=False, **kwargs)
+    model.pat_hf_model_args = built_with
+    model.pat_hf_model_class = f"{cls.__module__}.{cls.__qualname__}"
+    return model
+
+
+def resolve_model_class(path: str) -> type[nn.Module]:
+    """The class named by a dotted path such as ``timm.models.mlp_mixer.MlpMixer``.
+
+    Raises:
+        ValueError: When the path does not name an ``nn.Module`` subclass.
+    """
+    import importlib
+
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"{path!r} does not name a model class (e.g. 'timm.models.mlp_mixer.MlpMixer'): {err}"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path!r} is not an nn.Module class.")
+    return cls
 
 
 def student_logits(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -134,11 +209,27 @@ def student_view(student: nn.Module, processing_class: Any = None) -> ImageView:
     )
 
 
-def check_timm_rebuildable(student: nn.Module, model_args: dict[str, Any] | None = None) -> None:
-    """Checks that the export of a timm student will rebuild the same architecture.
+def check_timm_rebuildable(
+    student: nn.Module, model_args: dict[str, Any] | None = None, model_class: str | None = None
+) -> str | None:
+    """Checks that the export of a timm student will rebuild the same architecture, and says how it will load.
 
-    ``timm.create_model(architecture, **model_args)`` is built on the meta device (no memory, no time) and its
-    parameter shapes compared with the student's, so a mismatch fails before training instead of at load time.
+    The model is rebuilt on the meta device (no memory, no time) and its parameter shapes compared with the
+    student's, so a mismatch fails before training instead of at load time: first through timm's registry
+    (``timm.create_model(architecture, **model_args)``: what ``timm.create_model("local-dir:...")`` and
+    transformers' TimmWrapper will do), else, for a student built from its class, as ``class(**model_args)``.
+
+    Args:
+        student: The timm student.
+        model_args: The arguments it was built with (what :func:`create_student` recorded, or
+            ``student_model_args=``).
+        model_class: Dotted path of the class it was built from (``create_student(model_class=...)``).
+
+    Returns:
+        None when the export loads through timm's registry, else the dotted path of the class it loads with.
+
+    Raises:
+        ValueError: When neither rebuilds the student: the message says what to pass.
     """
     import timm
 
@@ -151,18 +242,45 @@ def check_timm_rebuildable(student: nn.Module, model_args: dict[str, Any] | None
     arch = student.pretrained_cfg.get("architecture")
     if not arch:
         raise ValueError("The timm student has no pretrained_cfg['architecture']; create it with timm.create_model.")
-    try:
+    ours = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+
+    def shapes(build: Any) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
-            reference = timm.create_model(arch, pretrained=False, **args)
+            return {k: tuple(v.shape) for k, v in build().state_dict().items()}
+
+    try:
+        by_name = shapes(lambda: timm.create_model(arch, pretrained=False, **args))
+    except TypeError as err:
+        by_name, name_error = None, err
     except Exception as err:  # a model that cannot be built on the meta device is checked at export instead
         logger.warning("Could not check that the export of %r rebuilds the same model (%s).", arch, err)
-        return
-    ours = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-        raise ValueError(
-            f"The student {arch!r} differs from timm.create_model({arch!r}, **{args}) (first differences: {diff}); "
-            "its export would not load back. Create it with pat_hf.create_student or pass student_model_args= "
-            "with the arguments it was built with."
-        )
+        return model_class
+    if by_name == ours:
+        return None
+    cls_path = model_class or f"{type(student).__module__}.{type(student).__qualname__}"
+    if model_args or model_class:
+        try:
+            by_class = shapes(lambda: resolve_model_class(cls_path)(**args))
+        except (TypeError, ValueError):
+            by_class = None
+        if by_class == ours:
+            logger.warning(
+                "The export of this %s will not load with timm.create_model(%r, ...)%s: it loads as "
+                "%s(**config['model_args'], num_classes=config['num_classes']) and model.safetensors, as its model "
+                "card shows.",
+                type(student).__name__,
+                arch,
+                f" ({name_error})" if by_name is None else "",
+                cls_path,
+            )
+            return cls_path
+    if by_name is None:
+        detail = f"timm.create_model({arch!r}, **{args}) fails ({name_error})"
+    else:
+        diff = sorted(set(ours.items()) ^ set(by_name.items()))[:3]
+        detail = f"the student differs from timm.create_model({arch!r}, **{args}) (first differences: {diff})"
+    raise ValueError(
+        f"This {type(student).__name__} student's export would not load back: {detail}. Create it with "
+        "pat_hf.create_student (with model_class= for a student built from its class), or pass student_model_args= "
+        "with every argument it was built with."
+    )
