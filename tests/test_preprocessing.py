@@ -85,3 +85,26 @@ def test_dataset_transforms_and_collation():
     assert batch["teacher_pixel_values"].shape == (4, 3, 12, 12)
     assert batch["labels"].tolist() == [0, 1, 2, 0]
     assert dataset.column_names == ["image", "label"]  # the original is untouched
+
+
+def test_teacher_view_derived_by_resizing_is_flagged_once(tmp_path, caplog):
+    """Without teacher_pixel_values the teacher's view is resized from the student's: the geometry can change
+    (padding is not undone), so the wrapper says so, once."""
+    import logging
+
+    from pat_hf import PATTrainingArguments, build_distillation_model
+    from support.tiny import tiny_teacher
+
+    student = create_student("test_resnet", num_classes=3, img_size=20)
+    args = PATTrainingArguments(str(tmp_path), distill_method="kd", use_cpu=True, report_to=[])
+    model = build_distillation_model(args, student, tiny_teacher("vit"), class_names=["cat", "dog", "bird"])
+    x, y = torch.randn(2, 3, 20, 20), torch.tensor([0, 1])
+    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+        model.train()(x, labels=y)
+        model(x, labels=y)
+    messages = [r.getMessage() for r in caplog.records if "teacher_pixel_values" in r.getMessage()]
+    assert len(messages) == 1 and "16x16" in messages[0] and "20x20" in messages[0] and "padding" in messages[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+        model(x, labels=y, teacher_pixel_values=torch.randn(2, 3, 16, 16))
+    assert not caplog.records

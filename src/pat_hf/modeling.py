@@ -71,6 +71,7 @@ class DistillationModel(nn.Module):
         self.class_names = class_names
         self.student_model_args = student_model_args
         self.student_model_class = student_model_class
+        self._warned_view_conversion = False
 
     def forward(
         self,
@@ -92,6 +93,17 @@ class DistillationModel(nn.Module):
         teacher = self.teacher
         needs_teacher = teacher is not None and (self.training or self.method.eval_teacher_losses)
         if needs_teacher and teacher_pixel_values is None:
+            if self.student_view.size != teacher.view.size and not self._warned_view_conversion:
+                self._warned_view_conversion = True
+                logger.warning(
+                    "A batch without teacher_pixel_values: the teacher's %s input is resized from the student's %s "
+                    "one. That keeps the geometry only when both views show the same field of view (each a resize of "
+                    "one crop of the image); a student view made by padding or cropping differently (e.g. 28 px "
+                    "padded to 32) shows the teacher a shrunk or shifted image. Give the batches teacher_pixel_values "
+                    "(with_image_transforms(..., teacher_view)) to hand the teacher its own view.",
+                    "x".join(map(str, teacher.view.size)),
+                    "x".join(map(str, self.student_view.size)),
+                )
             teacher_pixel_values = convert_view(pixel_values, self.student_view, teacher.view)
         batch = DistillationBatch(pixel_values, labels, teacher_pixel_values if needs_teacher else None)
         if self.training:

@@ -148,6 +148,12 @@ def _size_from_config(config: Any) -> tuple[int, int] | None:
 def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageView) -> torch.Tensor:
     """Re-expresses a normalised batch made for ``source`` in ``target``'s size and normalisation.
 
+    The renormalisation is exact. The resize (bilinear, antialiased when shrinking) keeps the geometry only when
+    both views show the same field of view, i.e. each would be a plain resize of the same crop of the image; a
+    source view made by padding (a 28 px image padded to 32) or cropping differently from the target's is not
+    undone, so the target model then sees a shrunk or shifted image. Hand each model its own view instead
+    (:func:`pat_hf.with_image_transforms` with a teacher view).
+
     Args:
         pixel_values: (B, 3, H, W) batch normalised for ``source``.
         source: The view the batch was made for.
