@@ -15,11 +15,13 @@ import torch
 from .config import (
     ABLATIONS,
     IMAGE_SIZE,
+    METHOD_VARIANTS,
     METHODS,
     OFA_WEIGHTS,
     PAIRS,
     PAT_SETTINGS,
     STUDENT_CROP_PAD,
+    STUDENT_LABEL_SMOOTHING,
     STUDENT_RECIPES,
     TEACHER_BATCH_SIZE,
     TEACHER_CROP_PAD,
@@ -141,8 +143,8 @@ def _run_settings(config: StudyConfig, spec: RunSpec) -> dict[str, Any]:
             "seed": 0,
         }
     teacher, student = PAIRS[spec.name]
-    base_method, overrides = ABLATIONS.get(spec.method, (spec.method, {}))
-    method_args: dict[str, Any] = {}
+    base_method, overrides = {**METHOD_VARIANTS, **ABLATIONS}.get(spec.method, (spec.method, {}))
+    method_args: dict[str, Any] = {"label_smoothing": STUDENT_LABEL_SMOOTHING}
     if base_method == "pat":
         method_args.update(PAT_SETTINGS)
     if base_method == "ofa":
