@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training-step cost of student-only, kd, ofa and pat for one teacher/student pair.
+"""Training-step cost of student-only, kd, dkd, dist, fitnet, ofa and pat for one teacher/student pair.
 
 Each configuration runs in its own process (so peak memory is its own): a few warm-up steps, then the median
 time of full training steps (forward, backward, AdamW step) on random data and random weights. Prints a
@@ -7,6 +7,7 @@ table with images/s, peak memory, the ratios to `kd`, and PAT's time split.
 
     python benchmarks/step_cost.py --pair convnext_t-deit_t --image-size 224 --batch 8 --threads 2
     python benchmarks/step_cost.py --pair swin_t-resnet18 --cuda --bf16          # on a GPU
+    python benchmarks/step_cost.py --pair swin_t-resnet18 --configs kd dkd dist fitnet   # the baselines only
 
 PAT's split: student = the student-only step; plain teacher pass = kd − student; the prompt blocks, RAA +
 aligners and the losses = their own forward + backward timed on the step's real tensors; the prompted teacher
@@ -32,7 +33,7 @@ import sys
 import time
 
 PAIRS = ("convnext_t-deit_t", "swin_t-resnet18", "vit_s-mobilenetv2", "convnext_t-resmlp_s12")
-CONFIGS = ("none", "kd", "ofa", "pat", "pat_checkpoint")
+CONFIGS = ("none", "kd", "dkd", "dist", "fitnet", "ofa", "pat", "pat_checkpoint")
 
 
 def build_pair(pair: str, num_classes: int = 100):

@@ -13,8 +13,8 @@ from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 
 def test_unknown_method(tmp_path):
-    with pytest.raises(ValueError, match=r"distill_method='fitnet' .* kd, none"):
-        tiny_args(tmp_path, distill_method="fitnet")
+    with pytest.raises(ValueError, match=r"distill_method='hinton_kd' .* kd, none"):
+        tiny_args(tmp_path, distill_method="hinton_kd")
 
 
 @pytest.mark.parametrize(

@@ -17,14 +17,14 @@ class PATTrainingArguments(TrainingArguments):
     """Training arguments for :class:`~pat_hf.PATDistillationTrainer`.
 
     Every field of ``transformers.TrainingArguments`` is available; the fields below configure distillation.
-    ``None`` for ``temperature`` and ``label_smoothing`` means the method's default (``kd``: T = 4, no
-    smoothing; ``pat``: T = 1, smoothing 0.1). ``remove_unused_columns`` defaults to False because pat_hf
+    ``None`` for ``temperature`` and ``label_smoothing`` means the method's default (``kd``, ``dkd``: T = 4, no
+    smoothing; ``dist``, ``fitnet``: T = 1, no smoothing; ``ofa``, ``pat``: T = 1, smoothing 0.1). ``remove_unused_columns`` defaults to False because pat_hf
     datasets build ``pixel_values`` lazily with ``set_transform``.
     """
 
     distill_method: str = field(
         default="kd",
-        metadata={"help": "Distillation method, one of the registered ones (none, kd, ...)."},
+        metadata={"help": "Distillation method, one of the registered ones (none, kd, dkd, dist, fitnet, ofa, pat)."},
     )
     temperature: float | None = field(
         default=None,
@@ -102,6 +102,51 @@ class PATTrainingArguments(TrainingArguments):
             "block during the backward (forward hooks; same loss and gradients): PAT's peak memory drops to at most "
             "2x kd's on the benchmark pairs, for one more teacher forward per step. See docs/benchmarks.md."
         },
+    )
+    # ---- DKD (distill_method="dkd") ----
+    dkd_alpha: float = field(
+        default=1.0,
+        metadata={"help": "DKD: weight α (>= 0) of the target-class term TCKD (1 in the DKD reference code)."},
+    )
+    dkd_beta: float = field(
+        default=8.0,
+        metadata={
+            "help": "DKD: weight β (>= 0) of the non-target-class term NCKD (8 in the DKD reference code's CIFAR-100 "
+            "settings; the OFA-KD benchmark code defaults to 2)."
+        },
+    )
+    dkd_warmup_epochs: float = field(
+        default=20.0,
+        metadata={
+            "help": "DKD: epochs (>= 0) over which the DKD term's weight rises linearly from 0 to 1, "
+            "min(epoch / warmup, 1) (20 in the DKD reference code; 0: no warm-up, as the OFA-KD benchmark code)."
+        },
+    )
+    # ---- DIST (distill_method="dist") ----
+    dist_beta: float = field(
+        default=1.0, metadata={"help": "DIST: weight β (>= 0) of the inter-class relation loss (1 in DIST's code)."}
+    )
+    dist_gamma: float = field(
+        default=1.0, metadata={"help": "DIST: weight γ (>= 0) of the intra-class relation loss (1 in DIST's code)."}
+    )
+    # ---- FitNet (distill_method="fitnet") ----
+    fitnet_stages: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4],
+        metadata={
+            "help": "FitNet: student stages (distinct, 1-4) whose features learn a teacher stage's feature through "
+            "a connector (all 4 in the OFA-KD benchmark code)."
+        },
+    )
+    fitnet_teacher_stages: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "FitNet: the teacher stage (1-4) each stage of fitnet_stages learns from, in the same order; "
+            "empty (default): the same stage numbers."
+        },
+    )
+    fitnet_weight: float = field(
+        default=1.0,
+        metadata={"help": "FitNet: weight (>= 0) of the hint (MSE) loss (1 in the OFA-KD benchmark code)."},
     )
     remove_unused_columns: bool = field(
         default=False,

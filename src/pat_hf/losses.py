@@ -9,7 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy", "hcl_loss", "kl_div_loss", "ofa_loss"]
+__all__ = [
+    "cross_entropy",
+    "dist_losses",
+    "dkd_losses",
+    "hard_targets",
+    "hcl_loss",
+    "hint_loss",
+    "kl_div_loss",
+    "ofa_loss",
+    "pearson_correlation",
+]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -111,3 +121,132 @@ def hcl_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> to
         loss = loss + weight * F.adaptive_avg_pool2d(diff, k).square().mean()
         total_weight += weight
     return loss / total_weight
+
+
+def hard_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices (B,) from class indices (B,) or soft targets (B, K) (mixup / cutmix / smoothed one-hot).
+
+    Soft targets give their argmax class, as the OFA-KD benchmark code does for DKD's target mask
+    (``label.max(1)[1]`` for 2-D labels). Ties go to the first class (``torch.argmax``).
+
+    Raises:
+        ValueError: On soft targets with another number of classes, or labels of another rank.
+    """
+    if labels.dim() == 1:
+        return labels.long()
+    if labels.dim() == 2 and labels.shape[1] == num_classes:
+        return labels.argmax(dim=1)
+    raise ValueError(f"labels must be class indices (B,) or soft targets (B, {num_classes}), got {tuple(labels.shape)}")
+
+
+def dkd_losses(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 4.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoupled KD's two terms (Zhao et al., CVPR 2022), unweighted: ``(TCKD, NCKD)``.
+
+    With ``p = softmax(z / T)`` and ``t`` the target class:
+
+    - TCKD: ``KL(b_t ‖ b_s)·T²`` between the binary distributions ``b = (p_t, 1 − p_t)`` (target against all
+      the other classes together);
+    - NCKD: ``KL(p̂_t ‖ p̂_s)·T²`` between the distributions over the K − 1 non-target classes, renormalised
+      (``p̂ = softmax`` of the non-target logits over T).
+
+    Both are batch means of the KL summed over its classes, in float32. ``b`` is computed in log space
+    (``log(1 − p_t)`` is the log-sum-exp of the non-target logits minus that of all logits), so a confident
+    prediction gives no ``log 0``; the non-target distribution leaves the target class out exactly instead of
+    pushing its logit down by 1000 as the reference code does. No gradient is taken through the teacher.
+
+    Args:
+        student_logits: (B, K) student logits.
+        teacher_logits: (B, K) teacher logits.
+        labels: Class indices (B,) or soft targets (B, K); soft targets use their argmax class
+            (:func:`hard_targets`).
+        temperature: Softmax temperature T > 0 (the reference code's default is 4).
+
+    Returns:
+        Two scalar tensors, TCKD and NCKD.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_classes = student_logits.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"DKD needs at least 2 classes, got {num_classes}")
+    target = hard_targets(labels, num_classes).to(student_logits.device)
+    batch = student_logits.shape[0]
+    mask = F.one_hot(target, num_classes).bool()
+    z_s = student_logits.float() / temperature
+    z_t = teacher_logits.detach().float() / temperature
+
+    def binary_and_other(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p = F.log_softmax(z, dim=-1)
+        others = z[~mask].view(batch, num_classes - 1)
+        log_target = log_p[mask]
+        log_rest = torch.logsumexp(others, dim=-1) - torch.logsumexp(z, dim=-1)
+        return torch.stack([log_target, log_rest], dim=-1), F.log_softmax(others, dim=-1)
+
+    log_b_s, log_other_s = binary_and_other(z_s)
+    log_b_t, log_other_t = binary_and_other(z_t)
+    scale = temperature**2
+    tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * scale
+    nckd = F.kl_div(log_other_s, log_other_t, reduction="batchmean", log_target=True) * scale
+    return tckd, nckd
+
+
+def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of the rows of two (N, M) tensors: the cosine similarity of the rows once each is
+    centred on its mean, with ``eps`` added to the product of the norms (as DIST's reference code). (N,)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_losses(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST's two relation losses (Huang et al., NeurIPS 2022), unweighted: ``(inter, intra)``.
+
+    With ``Y_s = softmax(z_s / T)`` and ``Y_t = softmax(z_t / T)`` (B, K):
+
+    - inter-class relation: ``(1 − mean_b ρ(Y_s[b, :], Y_t[b, :]))·T²``, the Pearson correlation of each sample's
+      class distribution;
+    - intra-class relation: ``(1 − mean_c ρ(Y_s[:, c], Y_t[:, c]))·T²``, the Pearson correlation of each class's
+      scores across the batch.
+
+    Computed in float32; no labels are used, so hard and soft targets make no difference. A batch of one image
+    has no intra-class relation to match: the term is then the constant T² (zero gradient). No gradient is taken
+    through the teacher.
+
+    Args:
+        student_logits: (B, K) student logits.
+        teacher_logits: (B, K) teacher logits.
+        temperature: Softmax temperature T > 0 (the reference code's default is 1).
+
+    Returns:
+        Two scalar tensors, the inter- and intra-class losses.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    y_s = F.softmax(student_logits.float() / temperature, dim=-1)
+    y_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    scale = temperature**2
+    inter = (1 - pearson_correlation(y_s, y_t).mean()) * scale
+    intra = (1 - pearson_correlation(y_s.t(), y_t.t()).mean()) * scale
+    return inter, intra
+
+
+def hint_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNet's hint loss: the mean squared error between the connector's output and the teacher's feature.
+
+    Mean over every element, in float32; the teacher feature is detached (the hint trains the student side
+    only). The layout does not matter as long as both tensors share it (a mean over elements is the same for a
+    map and its tokens).
+
+    Args:
+        student_feature: The student's stage feature mapped by the connector, e.g. (B, C_t, H_t, W_t).
+        teacher_feature: The teacher's stage feature of the same shape.
+    """
+    if student_feature.shape != teacher_feature.shape:
+        raise ValueError(
+            f"the hint loss needs equal shapes, got {tuple(student_feature.shape)} and {tuple(teacher_feature.shape)}"
+        )
+    return F.mse_loss(student_feature.float(), teacher_feature.detach().float())

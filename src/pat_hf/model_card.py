@@ -31,7 +31,33 @@ KD_CITATION = """@article{hinton2015distilling,
   journal = {arXiv preprint arXiv:1503.02531},
   year    = {2015}
 }"""
-CITATIONS: dict[str, list[str]] = {"kd": [KD_CITATION], "ofa": [OFA_CITATION], "pat": [PAT_CITATION, OFA_CITATION]}
+DKD_CITATION = """@inproceedings{zhao2022dkd,
+  title     = {Decoupled Knowledge Distillation},
+  author    = {Zhao, Borui and Cui, Quan and Song, Renjie and Qiu, Yiyu and Liang, Jiajun},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
+DIST_CITATION = """@inproceedings{huang2022dist,
+  title     = {Knowledge Distillation from A Stronger Teacher},
+  author    = {Huang, Tao and You, Shan and Wang, Fei and Qian, Chen and Xu, Chang},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}"""
+FITNET_CITATION = """@inproceedings{romero2015fitnets,
+  title     = {FitNets: Hints for Thin Deep Nets},
+  author    = {Romero, Adriana and Ballas, Nicolas and Kahou, Samira Ebrahimi and Chassang, Antoine and Gatta, Carlo and Bengio, Yoshua},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2015}
+}"""
+CITATIONS: dict[str, list[str]] = {
+    "kd": [KD_CITATION],
+    "dkd": [DKD_CITATION],
+    "dist": [DIST_CITATION],
+    # The heterogeneous connectors follow the OFA-KD benchmark's FitNet.
+    "fitnet": [FITNET_CITATION, OFA_CITATION],
+    "ofa": [OFA_CITATION],
+    "pat": [PAT_CITATION, OFA_CITATION],
+}
 """The papers a method's card cites first (PAT builds on OFA-KD's aligners); PAT, the paper pat_hf implements,
 is always cited. A registered method adds its entry here."""
 

@@ -166,6 +166,9 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if model.training:
+            # Schedules of the loss (DKD's warm-up) follow the trainer state, so resuming restores them exactly.
+            self.method.set_progress(float(self.state.epoch or 0.0))
         # `model` is the DDP-wrapped module: calling it (not self.model) keeps gradient sync correct.
         outputs = model(**inputs)
         store = self._loss_parts["train" if model.training else "eval"]

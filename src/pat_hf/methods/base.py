@@ -144,6 +144,19 @@ class DistillationMethod(nn.Module):
         """Computes one training step's loss. Runs in the wrapper's forward (under DDP and autocast)."""
         raise NotImplementedError
 
+    def set_progress(self, epoch: float) -> None:
+        """Receives the training progress before each training forward; does nothing by default.
+
+        The trainer calls it from ``compute_loss`` with ``TrainerState.epoch`` (epochs completed, fractional:
+        ``1.5`` is halfway through the second epoch; it advances once per optimizer step). A method whose loss
+        follows a schedule (DKD's warm-up) derives it from this value instead of counting steps itself, so
+        resuming from a checkpoint restores the schedule exactly (the trainer state is saved with the
+        checkpoint). Code calling the method directly, outside the trainer, calls it itself.
+
+        Args:
+            epoch: Epochs of training completed so far (>= 0).
+        """
+
     def evaluate(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         """Evaluation loss: the student's CE, plus the logit-level KD term against the plain teacher.
 

@@ -1,0 +1,118 @@
+"""Decoupled knowledge distillation (``dkd``; Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+The KD loss is split into a target-class term (TCKD: how sure the teacher is of the labelled class) and a
+non-target-class term (NCKD: how it spreads the rest among the other classes), weighted independently by α
+and β. The DKD term is switched on linearly over the first ``dkd_warmup_epochs`` epochs, as in the reference
+code (megvii-research/mdistiller): weight ``min(epoch / warmup, 1)``, the epoch coming from the trainer state
+(:meth:`~pat_hf.methods.DistillationMethod.set_progress`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..losses import dkd_losses
+from ..student import student_logits
+from ..teacher import Teacher
+from .base import DistillationBatch, DistillationMethod, DistillationOutput
+from .registry import register_method
+
+if TYPE_CHECKING:
+    from ..configuration import PATTrainingArguments
+
+__all__ = ["DecoupledKnowledgeDistillation", "dkd_warmup_weight"]
+
+
+def dkd_warmup_weight(epoch: float, warmup_epochs: float) -> float:
+    """The DKD term's warm-up factor after ``epoch`` epochs: ``min(epoch / warmup_epochs, 1)``; 1 without
+    warm-up (``warmup_epochs == 0``)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(max(float(epoch), 0.0) / warmup_epochs, 1.0)
+
+
+@register_method
+class DecoupledKnowledgeDistillation(DistillationMethod):
+    """DKD: ``w_ce·CE(z_s, y) + w_kd·min(epoch / warmup, 1)·(α·TCKD + β·NCKD)``.
+
+    Settings (``PATTrainingArguments``): ``dkd_alpha`` (α, 1), ``dkd_beta`` (β, 8), ``dkd_warmup_epochs`` (20),
+    ``temperature`` (T, 4), ``ce_weight`` and ``kd_weight`` (1), ``label_smoothing`` (0). The defaults are the
+    reference code's CIFAR-100 settings. Every training batch needs labels: class indices, or soft targets
+    (mixup / cutmix), whose argmax class is the target of the decoupling (as in the OFA-KD benchmark code).
+    """
+
+    name = "dkd"
+    default_temperature = 4.0
+    description = "Decoupled KD: target-class and non-target-class terms weighted separately"
+
+    @classmethod
+    def validate_args(cls, args: PATTrainingArguments) -> None:
+        """``dkd_alpha``, ``dkd_beta``, ``dkd_warmup_epochs``: finite and >= 0 (a warm-up of 0 is none)."""
+        for name in ("dkd_alpha", "dkd_beta", "dkd_warmup_epochs"):
+            value = getattr(args, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
+
+    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
+        super().__init__(args, student, teacher)
+        self.alpha = float(args.dkd_alpha)
+        self.beta = float(args.dkd_beta)
+        self.warmup_epochs = float(args.dkd_warmup_epochs)
+        self.epoch = 0.0
+        # The factor lives in a tensor (a compiled forward reads it without recompiling when it changes); not
+        # persistent: it is derived from the trainer state, never saved.
+        self.register_buffer(
+            "warmup_factor", torch.tensor(dkd_warmup_weight(0.0, self.warmup_epochs)), persistent=False
+        )
+
+    def set_progress(self, epoch: float) -> None:
+        self.epoch = float(epoch)
+        self.warmup_factor.fill_(dkd_warmup_weight(self.epoch, self.warmup_epochs))
+
+    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
+        teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
+        if batch.labels is None:
+            raise ValueError(
+                "distill_method='dkd' needs labels in every training batch: its target-class term is defined by "
+                "the labelled class (use 'kd' or 'dist' for unlabelled data)."
+            )
+        with torch.no_grad():
+            teacher_logits = teacher(teacher_pixels)
+        logits = student_logits(student, batch.pixel_values)
+        return self.compute_loss(logits, teacher_logits, batch.labels)
+
+    def compute_loss(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> DistillationOutput:
+        """The DKD loss from the student's and the teacher's logits.
+
+        Args:
+            logits: Student logits (B, K).
+            teacher_logits: Teacher logits (B, K), no gradient taken.
+            labels: Class indices (B,) or soft targets (B, K).
+
+        Returns:
+            The weighted loss, the student logits and the unweighted, detached parts ``ce``, ``tckd`` and
+            ``nckd`` (before α, β and the warm-up factor).
+        """
+        tckd, nckd = dkd_losses(logits, teacher_logits, labels, self.temperature)
+        weight = self.kd_weight * self.warmup_factor
+        loss = weight * (self.alpha * tckd + self.beta * nckd)
+        parts = {"tckd": tckd.detach(), "nckd": nckd.detach()}
+        loss = self.add_cross_entropy(loss, parts, logits, labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "dkd_alpha": self.alpha,
+            "dkd_beta": self.beta,
+            "dkd_warmup_epochs": self.warmup_epochs,
+        }
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs}, epoch={self.epoch:g}"
