@@ -171,28 +171,6 @@ def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageVie
     return (x - stats(target.mean)) / stats(target.std)
 
 
-def _interpolation(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    return {
-        "nearest": InterpolationMode.NEAREST,
-        "bilinear": InterpolationMode.BILINEAR,
-        "bicubic": InterpolationMode.BICUBIC,
-    }.get(name, InterpolationMode.BILINEAR)
-
-
-def _to_tensor_normalised(view: ImageView) -> Callable:
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(view.size, interpolation=_interpolation(view.interpolation), antialias=True),
-            T.ToTensor(),
-            T.Normalize(view.mean, view.std),
-        ]
-    )
-
-
 def build_image_transforms(
     student_view: ImageView,
     teacher_view: ImageView | None = None,
@@ -213,7 +191,8 @@ def build_image_transforms(
     Training: timm's ``create_transform`` augmentation (random-resized crop, flip, RandAugment, colour jitter,
     random erasing), every random draw made once at the larger of the two input sizes, then each model's own
     resize and normalisation (see :mod:`pat_hf.augment`, which says exactly what each model sees). Evaluation:
-    the student's resize and centre crop (``crop_pct``) only, since evaluation runs the student alone.
+    timm's evaluation transform for the student (shorter side to ``size / crop_pct``, centre crop), since
+    evaluation runs the student alone.
 
     Grey-scale, palette and RGBA images are converted to RGB.
 
@@ -235,8 +214,6 @@ def build_image_transforms(
     Returns:
         A function mapping one PIL image to ``{"pixel_values": ..., "teacher_pixel_values": ...}``.
     """
-    from torchvision import transforms as T
-
     if train:
         from .augment import build_train_augmentation
 
@@ -253,16 +230,20 @@ def build_image_transforms(
             re_mode=re_mode,
             re_count=re_count,
         )
-    student_tf = _to_tensor_normalised(student_view)
-    resize = tuple(round(s / student_view.crop_pct) for s in student_view.size)
-    augment = T.Compose(
-        [
-            T.Resize(resize, interpolation=_interpolation(student_view.interpolation), antialias=True),
-            T.CenterCrop(student_view.size),
-        ]
+    from timm.data import create_transform
+
+    # timm's evaluation transform (as the official code's validation and the model card's snippet): the shorter
+    # side resized to size / crop_pct (aspect ratio kept), then the centre crop, the student's normalisation.
+    evaluation = create_transform(
+        input_size=(3, *student_view.size),
+        is_training=False,
+        interpolation=student_view.interpolation,
+        mean=tuple(student_view.mean),
+        std=tuple(student_view.std),
+        crop_pct=student_view.crop_pct,
     )
 
     def transform(image: Any) -> dict[str, torch.Tensor]:
-        return {"pixel_values": student_tf(augment(image.convert("RGB")))}
+        return {"pixel_values": evaluation(image.convert("RGB"))}
 
     return transform
