@@ -169,11 +169,11 @@ def test_hflip_bool_and_bad_options():
 
 
 def test_evaluation_is_timms_aspect_keeping_resize_and_centre_crop():
-    """A 64x32 image whose left quarter is red: timm's evaluation transform resizes the shorter side and crops the
+    """A 64x32 image whose left eighth is red: timm's evaluation transform resizes the shorter side and crops the
     centre, so no red is left (squashing the whole width into the view would keep it)."""
     arr = np.zeros((32, 64, 3), dtype=np.uint8)
-    arr[:, :16, 0] = 255
-    arr[:, 16:, 2] = 255
+    arr[:, :8, 0] = 255
+    arr[:, 8:, 2] = 255
     view = ImageView(size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3, crop_pct=1.0)
     out = build_image_transforms(view, None, train=False)(Image.fromarray(arr))["pixel_values"]
     assert out.shape == (3, 8, 8) and out[0].max() < 0.05 and out[2].min() > 0.95
