@@ -168,3 +168,30 @@ def test_the_trainer_mixes_training_batches_only(tmp_path):
     trainer.evaluate()
     assert [s for s in seen if s[0] == "train"] == [("train", torch.float32, (8, 3))] * 2
     assert {s[1] for s in seen if s[0] == "eval"} == {torch.int64}
+
+
+def test_tensor_batch_collator_with_mixup_and_ema(tmp_path):
+    """The pieces work with a tensor collator (no teacher view in the batch: the wrapper derives it from the mixed
+    student view) and an EMA callback added by hand."""
+    from pat_hf import ModelEmaCallback
+    from pat_hf.data import TensorBatchCollator
+
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"image": torch.randint(0, 255, (28, 28), dtype=torch.uint8, generator=g), "labels": i % 3, "augment": True}
+        for i in range(8)
+    ]
+    student = create_student("test_resnet", num_classes=3, img_size=32)
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=tiny_teacher("vit"),
+        args=tiny_args(
+            tmp_path, distill_method="kd", mixup_alpha=0.8, cutmix_alpha=1.0, max_steps=2, per_device_train_batch_size=4
+        ),
+        train_dataset=items,
+        data_collator=TensorBatchCollator(),
+        class_names=["a", "b", "c"],
+        callbacks=[ModelEmaCallback(decay=0.9)],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.model_ema.module is not None
