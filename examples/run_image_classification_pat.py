@@ -3,7 +3,9 @@
 
 Shaped like transformers' examples/pytorch/image-classification/run_image_classification.py: model, data and
 training arguments through HfArgumentParser (a single .json / .yaml argument is read as a config file),
-`datasets` for the data, Trainer for the loop.
+`datasets` for the data, Trainer for the loop. The paper's recipes (examples/configs/*.yaml) set timm's augmentation
+(data arguments: auto_augment, color_jitter, re_prob, ...), Mixup / CutMix, model EMA and timm schedules (training
+arguments: mixup_alpha, model_ema, lr_schedule, ...).
 
     # the built-in default: Fashion-MNIST, the demo's transformers ResNet teacher, a small timm ResNet student
     accelerate launch examples/run_image_classification_pat.py
