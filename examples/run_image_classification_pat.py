@@ -3,7 +3,9 @@
 
 Shaped like transformers' examples/pytorch/image-classification/run_image_classification.py: model, data and
 training arguments through HfArgumentParser (a single .json / .yaml argument is read as a config file),
-`datasets` for the data, Trainer for the loop.
+`datasets` for the data, Trainer for the loop. The paper's recipes (examples/configs/*.yaml) set timm's augmentation
+(data arguments: auto_augment, color_jitter, re_prob, ...), Mixup / CutMix, model EMA and timm schedules (training
+arguments: mixup_alpha, model_ema, lr_schedule, ...).
 
     # the built-in default: Fashion-MNIST, the demo's transformers ResNet teacher, a small timm ResNet student
     accelerate launch examples/run_image_classification_pat.py
@@ -32,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pat_hf
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
+from pat_hf.augment import check_augmentation_options
 from pat_hf.data import check_columns, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
@@ -96,13 +99,38 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    # ---- training augmentation: timm's create_transform, drawn once per image for both models ----
     min_crop_scale: float = field(default=0.08, metadata={"help": "Lower bound of RandomResizedCrop's area fraction."})
+    crop_ratio: list[float] = field(
+        default_factory=lambda: [3 / 4, 4 / 3], metadata={"help": "Aspect-ratio range of RandomResizedCrop."}
+    )
+    hflip: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip."})
+    train_interpolation: str = field(
+        default="bilinear",
+        metadata={"help": "Interpolation of the random crop: bilinear, bicubic, nearest or random (timm's per-image)."},
+    )
+    auto_augment: str | None = field(
+        default=None,
+        metadata={"help": "timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); none by default."},
+    )
+    color_jitter: float | None = field(
+        default=None,
+        metadata={"help": "Colour-jitter factor (brightness, contrast, saturation); timm skips it under auto_augment."},
+    )
+    re_prob: float = field(default=0.0, metadata={"help": "Probability of timm's random erasing."})
+    re_mode: str = field(default="pixel", metadata={"help": "Random-erasing fill: const, rand or pixel."})
+    re_count: int = field(default=1, metadata={"help": "Maximum number of random-erasing boxes per image."})
 
     def __post_init__(self) -> None:
         if self.train_val_split is not None and not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"--min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
+        check_augmentation_options(**augmentation_options(self))
+
+
+def augmentation_options(data_args: DataTrainingArguments) -> dict[str, Any]:
+    """The training-augmentation keywords of ``pat_hf.with_image_transforms`` from the data arguments."""
+    names = ("min_crop_scale", "crop_ratio", "hflip", "train_interpolation", "auto_augment", "color_jitter")
+    return {name: getattr(data_args, name) for name in (*names, "re_prob", "re_mode", "re_count")}
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, PATTrainingArguments]:
@@ -244,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student_view = ImageView.from_timm(student)
     teacher_view = ImageView.from_image_processor(teacher_processor) if teacher_processor is not None else None
 
-    # Transforms: the same augmented image, resized and normalised for each model.
+    # Transforms: timm's augmentation drawn once per image, then resized and normalised for each model.
     common = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
     if train_ds is not None:
         train_ds = with_image_transforms(
-            train_ds, student_view, teacher_view, train=True, min_crop_scale=data_args.min_crop_scale, **common
+            train_ds, student_view, teacher_view, train=True, **augmentation_options(data_args), **common
         )
     if eval_ds is not None:
         eval_ds = with_image_transforms(eval_ds, student_view, None, train=False, **common)

@@ -14,10 +14,38 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from pat_hf import ImageView, PATDistillationTrainer, create_student
 from support.tiny import make_image_dataset, tiny_args
 
 LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_v0_1_ofa")
+
+
+def legacy_v0_1_training_data(dataset, student_view: ImageView, teacher_view: ImageView):
+    """``with_image_transforms(..., train=True)`` as pat_hf 0.1.0 had it: torchvision's random-resized crop
+    (scale 0.08-1) and flip at the larger size, then each view's resize and normalisation."""
+    from torchvision import transforms as T
+
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+
+    def to_view(view: ImageView):
+        mode = modes.get(view.interpolation, T.InterpolationMode.BILINEAR)
+        return T.Compose(
+            [T.Resize(view.size, interpolation=mode, antialias=True), T.ToTensor(), T.Normalize(view.mean, view.std)]
+        )
+
+    base = tuple(max(a, b) for a, b in zip(student_view.size, teacher_view.size))
+    augment = T.Compose([T.RandomResizedCrop(base, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip()])
+    student_tf, teacher_tf = to_view(student_view), to_view(teacher_view)
+
+    def apply(batch):
+        images = [augment(image.convert("RGB")) for image in batch["image"]]
+        return {
+            "pixel_values": [student_tf(i) for i in images],
+            "teacher_pixel_values": [teacher_tf(i) for i in images],
+            "labels": list(batch["label"]),
+        }
+
+    return dataset.with_transform(apply)
 
 
 def test_a_0_1_checkpoint_resumes_to_the_same_weights(tmp_path):
@@ -25,8 +53,10 @@ def test_a_0_1_checkpoint_resumes_to_the_same_weights(tmp_path):
     shutil.copytree(os.path.join(LEGACY, "checkpoint-4"), run / "checkpoint-4")
     torch.manual_seed(0)
     student = create_student("resnet10t", num_classes=3, stem_width=8, channels=(8, 16, 32, 64))
-    train = with_image_transforms(
-        make_image_dataset(n=16, size=32), ImageView.from_timm(student), ImageView(size=(32, 32)), train=True
+    # The data must be drawn as 0.1.0 drew it (torchvision's crop and flip) for the reference weights to apply;
+    # the library's augmentation is timm's since (other draws), so the test rebuilds 0.1.0's transform.
+    train = legacy_v0_1_training_data(
+        make_image_dataset(n=16, size=32), ImageView.from_timm(student), ImageView(size=(32, 32))
     )
     args = tiny_args(
         tmp_path,

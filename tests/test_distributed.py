@@ -44,6 +44,13 @@ SCENARIOS = [
     },
     {"name": "ofa", "method": "ofa", "args": {"ddp_find_unused_parameters": False}},
     {"name": "pat_no_feedback", "method": "pat", "args": {"pat_feedback": False, "ddp_find_unused_parameters": False}},
+    # Model EMA (decay 0.5, so 4 steps move it well away from the initial weights), evaluated beside the student.
+    {
+        "name": "ema",
+        "method": "kd",
+        "args": {"model_ema": True, "model_ema_decay": 0.5, "ddp_find_unused_parameters": False},
+        "evaluate": True,
+    },
     # The default: the Trainer turns find_unused_parameters on for the (non-PreTrainedModel) wrapper.
     {"name": "pat", "method": "pat"},
     {"name": "example", "example_argv": None},  # filled in by the fixture (paths)
@@ -129,7 +136,7 @@ def references(tmp_path_factory) -> dict[str, dict]:
     """The same scenarios on one process: global batch 8 in one batch (or 2 x 4 accumulated for PAT)."""
     root = tmp_path_factory.mktemp("single")
     out = {}
-    for name, extra in (("kd", {}), ("ofa", {}), ("pat_no_feedback", {"gradient_accumulation_steps": 2})):
+    for name, extra in (("kd", {}), ("ofa", {}), ("pat_no_feedback", {"gradient_accumulation_steps": 2}), ("ema", {})):
         scenario = {**next(s for s in SCENARIOS if s["name"] == name), **extra, "export": False}
         out[name] = worker.run_scenario(scenario, str(root))
     return out
@@ -279,3 +286,19 @@ def test_example_script_on_two_processes(runs):
     with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
         history = json.load(f)["log_history"]
     assert all({"loss_ce", "loss_kd", "loss_hcl", "loss_reg"} <= set(h) for h in history if "loss" in h)
+
+
+def test_model_ema_is_identical_on_both_ranks_and_matches_one_process(runs, references):
+    """Every rank updates its EMA from the same all-reduced weights: bit-identical on both ranks, equal to the
+    one-process EMA within the weights' tolerance, and both ranks report the one-process EMA accuracy."""
+    rank0, rank1 = runs["ema"][0]["ema"], runs["ema"][1]["ema"]
+    assert rank0.keys() == rank1.keys() == references["ema"]["ema"].keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert_states_close(rank0, references["ema"]["ema"], rtol=RTOL, atol=ATOL)
+    # Not the raw student: the average lags behind it.
+    raw = {k[len("student.") :]: v for k, v in runs["ema"][0]["state"].items() if k.startswith("student.")}
+    assert any(not torch.equal(raw[k], rank0[k]) for k in rank0)
+    for rank in runs["ema"]:
+        assert rank["eval"]["eval_ema_accuracy"] == references["ema"]["eval"]["eval_ema_accuracy"]
+        assert rank["eval"]["eval_ema_loss"] == pytest.approx(references["ema"]["eval"]["eval_ema_loss"], rel=0.05)

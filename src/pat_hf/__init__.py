@@ -12,10 +12,12 @@ from .version import __version__  # noqa: I001  (first: every module below may r
 
 from .configuration import PATTrainingArguments
 from .data import load_fashion_mnist, with_image_transforms
+from .ema import ModelEmaCallback
 from .errors import HubPushError, NonFiniteLossError
 from .export import export_student, load_student_weights
 from .methods import DistillationMethod, available_methods, get_method, register_method
 from .metrics import build_compute_metrics
+from .mixup import PairedMixup
 from .modeling import build_distillation_model
 from .preprocessing import ImageView
 from .student import create_student
@@ -26,9 +28,11 @@ __all__ = [
     "DistillationMethod",
     "HubPushError",
     "ImageView",
+    "ModelEmaCallback",
     "NonFiniteLossError",
     "PATDistillationTrainer",
     "PATTrainingArguments",
+    "PairedMixup",
     "Teacher",
     "__version__",
     "available_methods",

@@ -7,7 +7,8 @@ transformers upgrade is checked in this one file.
   ``distill_state.safetensors`` and a manifest (``distill_manifest.json``: teacher, student, method settings,
   classes) that resuming compares with the current run, refusing another run's checkpoints;
 - rotation (``save_total_limit``) keeps the best checkpoint under its final name;
-- ``_save`` exports the student alone (``save_model()``), checkpoints add the method state and manifest.
+- ``_save`` exports the student alone (``save_model()``; the model EMA's weights when ``export_weights`` selects
+  them), checkpoints add the method state, the model EMA (``ema.safetensors``) and the manifest.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ try:  # transformers >= 5.x: a function; earlier releases: Trainer._rotate_check
 except ImportError:  # pragma: no cover - depends on the installed transformers
     _rotate_checkpoints = None
 
+from .ema import EMA_WEIGHTS_NAME, find_model_ema
 from .export import SAFE_WEIGHTS_NAME, export_student, load_student_weights
 from .student import is_timm_model, is_transformers_model, student_num_classes
 from .version import __version__
@@ -83,6 +85,8 @@ class CheckpointMixin:
         if self.args.should_save:
             _remove_stale_staging(run_dir)
         self.accelerator.wait_for_everyone()
+        if (ema := find_model_ema(self)) is not None:
+            ema.broadcast_buffers()  # every rank holds, and rank 0 saves, rank 0's EMA statistics
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)
@@ -130,6 +134,7 @@ class CheckpointMixin:
                 "num_classes": student_num_classes(student),
             },
             "class_names": self.class_names,
+            "ema": _ema_manifest(self),
         }
 
     @staticmethod
@@ -156,6 +161,9 @@ class CheckpointMixin:
                 b = {k: b.get(k) for k in ("architecture", "fingerprint", "revision")}
             if a != b:
                 diffs.append(f"{key}: checkpoint {a} vs now {b}")
+        if current["ema"] is not None and saved.get("ema") != current["ema"]:
+            # An EMA run needs the checkpoint's EMA (a run without one cannot be resumed exactly).
+            diffs.append(f"ema: checkpoint {saved.get('ema') or 'has no model EMA'} vs now {current['ema']}")
         if diffs:
             details = "\n  " + "\n  ".join(diffs) + "\n"
             if resuming:
@@ -203,6 +211,14 @@ class CheckpointMixin:
                 )
             wrapper.method.load_state_dict(state)
             wrapper.method.load_extra_state_tensors(extra)
+        if (ema := find_model_ema(self)) is not None:
+            ema_path = os.path.join(resume_from_checkpoint, EMA_WEIGHTS_NAME)
+            if not os.path.isfile(ema_path):
+                raise ValueError(f"{resume_from_checkpoint!r} lacks {EMA_WEIGHTS_NAME}, the model EMA this run keeps.")
+            from safetensors.torch import load_file
+
+            ema.attach(wrapper.student)
+            ema.load_state_dict(load_file(ema_path, device=str(next(ema.module.parameters()).device)))
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
@@ -222,6 +238,9 @@ class CheckpointMixin:
         student_sd = {k[len("student.") :]: v for k, v in state_dict.items() if k.startswith("student.")}
         method_sd = {k[len("method.") :]: v for k, v in state_dict.items() if k.startswith("method.")}
         is_checkpoint = os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR)
+        ema = find_model_ema(self)
+        if ema is not None and ema.module is not None and not is_checkpoint and self.exported_weights() == "ema":
+            student_sd = ema.state_dict()  # the export is the averaged student (the card says so)
         export_student(
             wrapper.student,
             output_dir,
@@ -239,9 +258,20 @@ class CheckpointMixin:
 
                 tensors = {k: v.detach().cpu().contiguous().clone() for k, v in {**method_sd, **extra}.items()}
                 save_file(tensors, os.path.join(output_dir, DISTILL_STATE_NAME), metadata={"format": "pt"})
+            if ema is not None and ema.module is not None:
+                from safetensors.torch import save_file
+
+                tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()}
+                save_file(tensors, os.path.join(output_dir, EMA_WEIGHTS_NAME), metadata={"format": "pt"})
             with open(os.path.join(output_dir, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(self.manifest(), f, indent=2)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+
+def _ema_manifest(trainer: Any) -> dict[str, Any] | None:
+    """The manifest's record of the model EMA (settings and file), None without one."""
+    ema = find_model_ema(trainer)
+    return None if ema is None else {**ema.settings(), "file": EMA_WEIGHTS_NAME}
 
 
 def _remove_stale_staging(run_dir: str) -> None:

@@ -8,17 +8,20 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .methods import available_methods, get_method
+from .recipe import RecipeArguments
 
 __all__ = ["PATTrainingArguments"]
 
 
 @dataclass
-class PATTrainingArguments(TrainingArguments):
+class PATTrainingArguments(RecipeArguments, TrainingArguments):
     """Training arguments for :class:`~pat_hf.PATDistillationTrainer`.
 
-    Every field of ``transformers.TrainingArguments`` is available; the fields below configure distillation.
-    ``None`` for ``temperature`` and ``label_smoothing`` means the method's default (``kd``, ``dkd``: T = 4, no
-    smoothing; ``dist``, ``fitnet``: T = 1, no smoothing; ``ofa``, ``pat``: T = 1, smoothing 0.1). ``remove_unused_columns`` defaults to False because pat_hf
+    Every field of ``transformers.TrainingArguments`` is available, plus the recipe fields of
+    :class:`~pat_hf.recipe.RecipeArguments` (Mixup / CutMix, model EMA, timm schedules); the fields below configure
+    distillation. ``None`` for ``temperature`` and ``label_smoothing`` means the method's default (``kd``, ``dkd``:
+    T = 4, no smoothing; ``dist``, ``fitnet``: T = 1, no smoothing; ``ofa``, ``pat``: T = 1, smoothing 0.1).
+    ``remove_unused_columns`` defaults to False because pat_hf
     datasets build ``pixel_values`` lazily with ``set_transform``.
     """
 
@@ -172,5 +175,6 @@ class PATTrainingArguments(TrainingArguments):
             self.label_smoothing = self.label_smoothing_factor
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        self.check_recipe()
         # The method checks its own settings (OFA's, PAT's, ...): this class knows no method's rules.
         get_method(self.distill_method).validate_args(self)

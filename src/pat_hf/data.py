@@ -164,9 +164,21 @@ def with_image_transforms(
     image_column: str = "image",
     label_column: str | None = "label",
     min_crop_scale: float = 0.08,
-    hflip: bool = True,
+    hflip: float | bool = 0.5,
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+    train_interpolation: str = "bilinear",
+    auto_augment: str | None = None,
+    color_jitter: float | Sequence[float] | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
 ) -> Any:
     """Attaches lazy transforms producing ``pixel_values``, ``teacher_pixel_values`` and ``labels``.
+
+    Training augmentation is timm's ``create_transform`` with the options below, every random draw (crop, flip,
+    RandAugment, colour jitter, random-erasing box and fill) made once per image and shared by both models' views
+    (see :mod:`pat_hf.augment`). Mixup / CutMix run later, on the batch (``mixup_alpha`` / ``cutmix_alpha`` in
+    :class:`~pat_hf.PATTrainingArguments`).
 
     Args:
         dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
@@ -176,14 +188,32 @@ def with_image_transforms(
         image_column: Name of the image column.
         label_column: Name of the label column (None for unlabelled data).
         min_crop_scale: Lower bound of the random-resized-crop area fraction.
-        hflip: Random horizontal flips during training.
+        hflip: Probability of a horizontal flip during training (True = 0.5, False = 0).
+        crop_ratio: Aspect-ratio range of the random-resized crop.
+        train_interpolation: Interpolation of the random-resized crop ("bilinear", "bicubic", "nearest", "random").
+        auto_augment: timm policy such as ``"rand-m9-mstd0.5-inc1"`` (RandAugment); None for none.
+        color_jitter: Colour-jitter factor(s); None or 0 for none (timm skips it when ``auto_augment`` is set).
+        re_prob: Probability of timm's random erasing.
+        re_mode: Random-erasing fill: "const", "rand" or "pixel".
+        re_count: Maximum number of erased boxes per image.
 
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
     check_columns(dataset, image_column, label_column)
     transform = build_image_transforms(
-        student_view, teacher_view, train=train, min_crop_scale=min_crop_scale, hflip=hflip
+        student_view,
+        teacher_view,
+        train=train,
+        min_crop_scale=min_crop_scale,
+        hflip=hflip,
+        crop_ratio=crop_ratio,
+        train_interpolation=train_interpolation,
+        auto_augment=auto_augment,
+        color_jitter=color_jitter,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
     )
 
     def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:

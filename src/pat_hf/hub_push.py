@@ -24,6 +24,7 @@ from huggingface_hub.utils import get_token
 from .errors import HubPushError
 from .export import hub_files
 from .model_card import ModelCardInfo, render_model_card
+from .recipe import recipe_summary
 from .student import is_timm_model
 from .version import __version__
 
@@ -120,6 +121,8 @@ class HubPushMixin:
             "seed": args.seed,
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         }
+        ema = self.model_ema
+        hyper.update(recipe_summary(args, ema.settings() if ema else None, self.exported_weights() if ema else None))
         arch = student.pretrained_cfg.get("architecture") if is_timm_model(student) else type(student).__name__
         return ModelCardInfo(
             model_name=model_name

@@ -23,17 +23,26 @@ __all__ = [
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy against hard labels, with optional label smoothing.
+    """Mean cross-entropy against class indices (with optional label smoothing) or soft targets.
 
     Args:
         logits: Student logits of shape (B, K).
-        labels: Class indices of shape (B,).
-        label_smoothing: Amount of smoothing in [0, 1).
+        labels: Class indices of shape (B,), or soft targets of shape (B, K) (rows summing to 1, e.g. timm's
+            Mixup / CutMix targets).
+        label_smoothing: Amount of smoothing in [0, 1), applied to class indices only: soft targets are used
+            as given (timm's ``Mixup`` already smoothed them with its ``label_smoothing``; smoothing them again
+            would count it twice).
 
     Returns:
-        A scalar tensor.
+        A scalar tensor: ``-Σ_k y_k log softmax(z)_k`` averaged over the batch.
     """
     # Computed in float32: under bf16 autocast log-softmax over many classes loses too much precision.
+    if labels.is_floating_point():
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}"
+            )
+        return -(labels.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
@@ -67,12 +76,13 @@ def ofa_loss(
     """OFA-KD's loss (Hao et al., NeurIPS 2023), batch mean of ``-Σ_c [(p_t,c + m_c)^ε − m_c] · log p_s,c``.
 
     ``p_t`` are the teacher's probabilities, ``m`` the one-hot target (zero without labels), ε ≥ 1 sharpens
-    the target class's share. With ε = 1 it is cross-entropy against the teacher's soft labels.
+    the target class's share. With ε = 1 it is cross-entropy against the teacher's soft labels. Soft targets
+    (B, K) (Mixup / CutMix) give ``m`` the one-hot of their largest entry, as the official OFA-KD code does.
 
     Args:
         student_logits: (B, K) logits of the student (or of a branch head).
         teacher_logits: (B, K) teacher logits (no gradient is taken through them).
-        labels: (B,) class indices, or None.
+        labels: (B,) class indices, (B, K) soft targets (their argmax is the target class), or None.
         epsilon: The exponent ε.
         temperature: Softmax temperature applied to both sides.
 
@@ -84,6 +94,8 @@ def ofa_loss(
     if labels is None:
         target = p_t if epsilon == 1 else p_t.pow(epsilon)
     else:
+        if labels.is_floating_point():  # mixed targets: the official code takes the argmax class
+            labels = labels.argmax(dim=-1)
         mask = F.one_hot(labels, num_classes=p_t.shape[-1]).to(p_t.dtype)
         target = p_t + mask if epsilon == 1 else (p_t + mask).pow(epsilon)
         target = target - mask

@@ -1,7 +1,8 @@
 """Per-model image views: input size, normalisation and the transforms that produce them.
 
 Teacher and student often expect different resolutions and normalisations. pat_hf gives each the SAME
-augmented image, then resizes and normalises it for each model separately (:func:`build_image_transforms`).
+augmented image, then resizes and normalises it for each model separately (:func:`build_image_transforms`; the
+training augmentation is timm's, see :mod:`pat_hf.augment`).
 When a batch carries only the student's view, :func:`convert_view` derives the teacher's on the device.
 """
 
@@ -176,41 +177,28 @@ def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageVie
     return (x - stats(target.mean)) / stats(target.std)
 
 
-def _interpolation(name: str):
-    from torchvision.transforms import InterpolationMode
-
-    return {
-        "nearest": InterpolationMode.NEAREST,
-        "bilinear": InterpolationMode.BILINEAR,
-        "bicubic": InterpolationMode.BICUBIC,
-    }.get(name, InterpolationMode.BILINEAR)
-
-
-def _to_tensor_normalised(view: ImageView) -> Callable:
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(view.size, interpolation=_interpolation(view.interpolation), antialias=True),
-            T.ToTensor(),
-            T.Normalize(view.mean, view.std),
-        ]
-    )
-
-
 def build_image_transforms(
     student_view: ImageView,
     teacher_view: ImageView | None = None,
     *,
     train: bool,
     min_crop_scale: float = 0.08,
-    hflip: bool = True,
+    hflip: float | bool = 0.5,
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+    train_interpolation: str = "bilinear",
+    auto_augment: str | None = None,
+    color_jitter: float | Sequence[float] | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
 ) -> Callable[[Any], dict[str, torch.Tensor]]:
     """Builds the per-image transform that feeds both models from one augmented image.
 
-    Training: ``RandomResizedCrop`` (scale ``[min_crop_scale, 1]``) and a horizontal flip at the larger of the
-    two input sizes, then each model's own resize and normalisation. Evaluation: the student's resize and
-    centre crop (``crop_pct``) only, since evaluation runs the student alone.
+    Training: timm's ``create_transform`` augmentation (random-resized crop, flip, RandAugment, colour jitter,
+    random erasing), every random draw made once at the larger of the two input sizes, then each model's own
+    resize and normalisation (see :mod:`pat_hf.augment`, which says exactly what each model sees). Evaluation:
+    timm's evaluation transform for the student (shorter side to ``size / crop_pct``, centre crop), since
+    evaluation runs the student alone.
 
     Grey-scale, palette and RGBA images are converted to RGB.
 
@@ -219,38 +207,49 @@ def build_image_transforms(
         teacher_view: The teacher's view; None for methods without a teacher.
         train: Whether to build the training (augmenting) transform.
         min_crop_scale: Lower bound of the random-resized-crop area fraction.
-        hflip: Whether to flip horizontally at random during training.
+        hflip: Probability of a horizontal flip during training (True = 0.5, False = 0).
+        crop_ratio: Aspect-ratio range of the random-resized crop.
+        train_interpolation: Interpolation of the random-resized crop: "bilinear", "bicubic", "nearest" or
+            "random" (timm picks one per image).
+        auto_augment: timm augmentation policy, e.g. ``"rand-m9-mstd0.5-inc1"`` (RandAugment); None for none.
+        color_jitter: Colour-jitter factor(s); None or 0 for none (timm skips it when ``auto_augment`` is set).
+        re_prob: Probability of timm's random erasing.
+        re_mode: Random-erasing fill: "const", "rand" or "pixel".
+        re_count: Maximum number of erased boxes per image.
 
     Returns:
         A function mapping one PIL image to ``{"pixel_values": ..., "teacher_pixel_values": ...}``.
     """
-    from torchvision import transforms as T
-
-    student_tf = _to_tensor_normalised(student_view)
-    teacher_tf = _to_tensor_normalised(teacher_view) if teacher_view is not None else None
     if train:
-        base = (
-            max(student_view.size[0], teacher_view.size[0] if teacher_view else 0),
-            max(student_view.size[1], teacher_view.size[1] if teacher_view else 0),
+        from .augment import build_train_augmentation
+
+        return build_train_augmentation(
+            student_view,
+            teacher_view,
+            min_crop_scale=min_crop_scale,
+            crop_ratio=crop_ratio,
+            hflip=hflip,
+            train_interpolation=train_interpolation,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter,
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
         )
-        ops: list[Any] = [T.RandomResizedCrop(base, scale=(min_crop_scale, 1.0), antialias=True)]
-        if hflip:
-            ops.append(T.RandomHorizontalFlip())
-        augment = T.Compose(ops)
-    else:
-        resize = tuple(round(s / student_view.crop_pct) for s in student_view.size)
-        augment = T.Compose(
-            [
-                T.Resize(resize, interpolation=_interpolation(student_view.interpolation), antialias=True),
-                T.CenterCrop(student_view.size),
-            ]
-        )
+    from timm.data import create_transform
+
+    # timm's evaluation transform (as the official code's validation and the model card's snippet): the shorter
+    # side resized to size / crop_pct (aspect ratio kept), then the centre crop, the student's normalisation.
+    evaluation = create_transform(
+        input_size=(3, *student_view.size),
+        is_training=False,
+        interpolation=student_view.interpolation,
+        mean=tuple(student_view.mean),
+        std=tuple(student_view.std),
+        crop_pct=student_view.crop_pct,
+    )
 
     def transform(image: Any) -> dict[str, torch.Tensor]:
-        image = augment(image.convert("RGB"))
-        out = {"pixel_values": student_tf(image)}
-        if teacher_tf is not None and train:
-            out["teacher_pixel_values"] = teacher_tf(image)
-        return out
+        return {"pixel_values": evaluation(image.convert("RGB"))}
 
     return transform

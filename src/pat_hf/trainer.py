@@ -3,7 +3,8 @@
 This file keeps the training loop's own concerns: the loss and the logging of its parts, the decay groups, the
 evaluation loop and the buffer sync. Construction is :func:`pat_hf.modeling.build_distillation_model`;
 checkpoints (every override of a private Trainer method) are :class:`pat_hf.checkpointing.CheckpointMixin`;
-the model card and Hub push are :class:`pat_hf.hub_push.HubPushMixin`.
+the model card and Hub push are :class:`pat_hf.hub_push.HubPushMixin`; Mixup / CutMix, model EMA and timm schedules
+are :class:`pat_hf.recipe_mixin.RecipeMixin`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from .errors import NonFiniteLossError
 from .hub_push import HubPushMixin
 from .metrics import build_compute_metrics
 from .modeling import build_distillation_model
+from .recipe_mixin import RecipeMixin
+from .student import student_num_classes
 from .teacher import Teacher
 
 __all__ = ["NonFiniteLossError", "PATDistillationTrainer"]
 
 
-class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
+class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
     """Trainer that distils a frozen transformers teacher into a timm student.
 
     The student and the method's trainable heads form one wrapper module (what Trainer optimises, DDP-wraps
@@ -132,6 +135,8 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        num_classes = len(self.class_names) if self.class_names else student_num_classes(wrapper.student)
+        self._setup_recipe(num_classes, wrapper.method.label_smoothing)
 
     # ---- convenience -------------------------------------------------------------------------------------
 
@@ -148,8 +153,9 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
     # ---- optimizer -----------------------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """As timm: no weight decay for 1-D parameters (norm weights, biases), scalars such as PAT's beta, and
-        what a timm student lists in ``no_weight_decay()`` (position embeddings, cls tokens)."""
+        """As timm: no weight decay for 1-D parameters (norm weights, biases) and scalars (PAT's beta) of the
+        student AND the method's heads, and for what a timm student lists in ``no_weight_decay()`` (position
+        embeddings, cls tokens)."""
         names = super().get_decay_parameter_names(model)
         skip = {name for name, p in model.named_parameters() if p.ndim <= 1}
         student = getattr(model, "student", None)
@@ -169,6 +175,8 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
         if model.training:
             # Schedules of the loss (DKD's warm-up) follow the trainer state, so resuming restores them exactly.
             self.method.set_progress(float(self.state.epoch or 0.0))
+            # Mixup / CutMix of both views on the device (RecipeMixin); evaluation never mixes.
+            inputs = self.mix_batch(inputs)
         # `model` is the DDP-wrapped module: calling it (not self.model) keeps gradient sync correct.
         outputs = model(**inputs)
         store = self._loss_parts["train" if model.training else "eval"]

@@ -134,6 +134,8 @@ def run_scenario(scenario: dict[str, Any], workdir: str) -> dict[str, Any]:
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
     result["state"] = {k: v.detach().cpu().clone() for k, v in wrapper.state_dict().items()}
     result["feedback"] = {k: v.detach().cpu().clone() for k, v in wrapper.method.extra_state_tensors().items()}
+    if trainer.model_ema is not None:
+        result["ema"] = {k: v.detach().cpu().clone() for k, v in trainer.model_ema.state_dict().items()}
     result["log_history"] = list(trainer.state.log_history)
     result["ddp_find_unused_parameters"] = getattr(trainer.model_wrapped, "find_unused_parameters", None)
     result["teacher_device"] = str(next(trainer.teacher.model.parameters()).device)

@@ -176,7 +176,10 @@ class DistillationMethod(nn.Module):
         self, loss: torch.Tensor, parts: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor:
         """``loss + w_ce·CE(logits, labels)``, recording the unweighted CE as ``parts["ce"]``; ``loss`` unchanged
-        without labels."""
+        without labels.
+
+        ``labels`` are class indices (B,), smoothed by ``label_smoothing``, or soft targets (B, K) from Mixup /
+        CutMix, used as given: timm's ``Mixup`` has already applied the same label smoothing to them."""
         if labels is None:
             return loss
         ce = cross_entropy(logits, labels, self.label_smoothing)
