@@ -231,6 +231,19 @@ def reconcile_student_view(
             f"{data.size[0]}x{data.size[1]}. Create it with img_size={data.size[0]} (pat_hf.create_student(..., "
             f"img_size=...)) or build the dataset with ImageView.from_timm(student)."
         )
+    patch_embed = getattr(student, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
+    if (
+        patch
+        and not getattr(patch_embed, "dynamic_img_pad", False)
+        and (data.size[0] % patch[0] or data.size[1] % patch[1])
+    ):
+        raise ValueError(
+            f"The student cuts its input into {patch[0]}x{patch[1]} patches, but the data was prepared at "
+            f"{data.size[0]}x{data.size[1]}, not a multiple. Prepare it at a multiple of the patch size "
+            "(ImageView.from_timm(student) gives the size the student was built for)."
+        )
     crop_pct = eval_view.crop_pct if eval_view is not None else own.crop_pct
     if own.agrees_with(data) and own.interpolation == data.interpolation and own.crop_pct == crop_pct:
         return own

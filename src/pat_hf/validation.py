@@ -76,6 +76,7 @@ def resolve_labels(
     teacher: Teacher | None = None,
     num_classes: int | None = None,
     what: str = "training data",
+    fixed: bool = False,
 ) -> LabelSpace:
     """Checks the labels of ``dataset`` and decides the classes of the run.
 
@@ -86,6 +87,10 @@ def resolve_labels(
     - Strings: mapped by name (case, spaces, ``_``, ``-`` ignored) to ``class_names`` if given, else to the
       teacher's names (all of them when the data uses them all, else those the data uses, in the teacher's
       order), else to the sorted unique names.
+
+    Args:
+        fixed: ``class_names`` / ``num_classes`` are the run's classes (the evaluation data is checked against
+            the training data's), ahead of the dataset's own ClassLabel.
 
     Raises:
         LabelError: Missing labels, floats, lists, 1-based or out-of-range integers, names no class has.
@@ -122,6 +127,8 @@ def resolve_labels(
     feature_names = list(getattr(feature, "names", None) or []) or None
     if class_names:
         names, count, source = list(class_names), len(class_names), "the class names given"
+    elif fixed and num_classes is not None:
+        names, count, source = None, int(num_classes), f"the training data's {num_classes} classes"
     elif feature_names:
         names, count, source = feature_names, len(feature_names), "the dataset's ClassLabel"
     elif teacher is not None:
@@ -247,6 +254,7 @@ def check_dataset_labels(
             num_classes=space.num_classes,
             teacher=None if space.num_classes else teacher,
             what="evaluation data",
+            fixed=True,
         )
     if space.kind == "str":
         for dataset in (train_dataset, eval_dataset):

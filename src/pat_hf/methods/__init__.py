@@ -13,7 +13,7 @@ from .base import DistillationBatch, DistillationMethod, DistillationOutput
 from .kd import KnowledgeDistillation, NoDistillation
 from .ofa import OFADistillation
 from .pat import PerspectiveAwareTeaching
-from .registry import available_methods, get_method, register_method
+from .registry import available_methods, get_method, loss_parts_table, register_method
 
 __all__ = [
     "DistillationBatch",
@@ -25,5 +25,6 @@ __all__ = [
     "PerspectiveAwareTeaching",
     "available_methods",
     "get_method",
+    "loss_parts_table",
     "register_method",
 ]
