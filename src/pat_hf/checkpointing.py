@@ -353,7 +353,8 @@ def manifest_differences(saved: dict[str, Any], current: dict[str, Any], saved_n
     """The differences between a saved run description and the current one, one line each.
 
     Keys an older pat_hf did not record (a 0.1 manifest has no student model_args or pretrained_cfg, an older
-    method no new setting) are not compared; the teacher is compared by architecture, weights and revision.
+    method no new setting; 0.1 left integer labels unnamed) are not compared; the teacher is compared by
+    architecture, weights and revision.
     """
     diffs = []
     for key in ("method", "teacher", "student", "class_names"):
@@ -368,6 +369,8 @@ def manifest_differences(saved: dict[str, Any], current: dict[str, Any], saved_n
                             diffs.append(f"{key}.{sub}.{leaf}: {saved_name} {x.get(leaf)} vs now {y.get(leaf)}")
                 elif x != y:
                     diffs.append(f"{key}.{sub}: {saved_name} {x} vs now {y}")
+        elif key == "class_names" and a is None and str(saved.get("pat_hf_version", "")).startswith("0.1"):
+            continue  # 0.1 left integer labels unnamed; pat_hf now names them after the teacher's classes
         elif a != b:
             diffs.append(f"{key}: {saved_name} {a} vs now {b}")
     return diffs

@@ -44,8 +44,8 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
         model: The student: a timm ``nn.Module``, or a timm name / ``hf-hub:`` / ``local-dir:`` id created with
             as many classes as the dataset has. A transformers image classifier also works (to train teachers
             with ``distill_method="none"``).
-        teacher: A transformers image classifier, or a Hub id / local path for
-            ``AutoModelForImageClassification``. Required unless the method is ``none``.
+        teacher: A transformers image classifier, a Hub id / local path for ``AutoModelForImageClassification``,
+            or a :class:`pat_hf.Teacher` from :func:`pat_hf.load_teacher`. Required unless the method is ``none``.
         args: :class:`PATTrainingArguments`.
         data_collator: Defaults to stacking ``pixel_values``, ``teacher_pixel_values`` and ``labels``.
         train_dataset: Training data yielding those keys (see :func:`pat_hf.data.with_image_transforms`).
@@ -62,6 +62,12 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, Trainer):
             that do not record them (the export must rebuild the same architecture).
         dataset_name: Name of the training data for the model card (a Hub id is linked as metadata).
         **kwargs: Passed to ``transformers.Trainer`` (callbacks, optimizers, ...).
+
+    Raises:
+        ValueError: (subclasses from :mod:`pat_hf.errors`) before anything is trained: a teacher that cannot be
+            loaded, labels of the wrong type or range, an empty dataset, views that disagree, classes that do not
+            match, an ``output_dir`` inside a model's source folder. ``train()`` adds the output-folder and
+            checkpoint checks; see docs/reliability.md.
 
     Example:
         >>> args = PATTrainingArguments("out", distill_method="kd", num_train_epochs=3)
