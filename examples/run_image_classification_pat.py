@@ -29,13 +29,17 @@ from typing import Any
 import datasets
 import transformers
 import yaml
-from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 import pat_hf
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
 from pat_hf.augment import check_augmentation_options
 from pat_hf.data import check_columns, load_fashion_mnist
+from pat_hf.errors import ConfigValueError
+from pat_hf.methods import get_method
+from pat_hf.output_dir import RunLock, check_output_dir, source_dirs
+from pat_hf.validation import check_config_values, resolve_labels
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,10 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         if self.train_val_split is not None and not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1 (or left unset for all samples), got {value}.")
         check_augmentation_options(**augmentation_options(self))
 
 
@@ -141,14 +149,21 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
     config, overrides = (argv[0], argv[1:]) if argv[0].endswith((".json", ".yaml", ".yml")) else (None, argv)
     if config is None:
         return parser.parse_args_into_dataclasses(args=overrides)
-    if not overrides:
-        if config.endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(config))
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(config))
-    with open(config, encoding="utf-8") as f:
-        values = json.load(f) if config.endswith(".json") else yaml.safe_load(f)
+    try:
+        with open(config, encoding="utf-8") as f:
+            values = json.load(f) if config.endswith(".json") else yaml.safe_load(f)
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigValueError(
+            f"{config} is not valid {'JSON' if config.endswith('.json') else 'YAML'}: {err}"
+        ) from None
     if not isinstance(values, dict):
-        raise ValueError(f"{config} must hold a mapping of argument names to values, got {type(values).__name__}.")
+        raise ConfigValueError(
+            f"{config} must hold a mapping of argument names to values, got {type(values).__name__}."
+        )
+    # Every value checked against its field's type here: the parser would pass "hot" or a list on to torch.
+    values = check_config_values(values, parser.dataclass_types, config)
+    if not overrides:
+        return parser.parse_dict(values)
     flags: list[str] = []
     for key, value in values.items():
         if isinstance(value, list):
@@ -157,6 +172,21 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
             flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
     # argparse keeps the last occurrence of a flag: the command line wins over the file.
     return parser.parse_args_into_dataclasses(args=flags + overrides)
+
+
+def json_argument(value: str | None, flag: str) -> dict[str, Any]:
+    """A ``--student_kwargs`` style JSON object, or a clear error naming the flag."""
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError as err:
+        raise ValueError(
+            f"{flag} must be a JSON object such as '{{\"img_size\": 32}}', got {value!r} ({err})."
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{flag} must be a JSON object (a mapping), got {value!r}.")
+    return parsed
 
 
 def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> datasets.DatasetDict:
@@ -207,21 +237,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("pat_hf %s, method %s", pat_hf.__version__, training_args.distill_method)
 
-    # Detecting last checkpoint (transformers' convention: continue a run found in output_dir).
-    last_checkpoint = None
+    # The output folder first, before anything is loaded: never a model's own folder or the Hub cache, no files
+    # another program wrote (unless --overwrite_output_dir), no other run training there.
+    teacher_id = model_args.teacher_name_or_path
+    needs_teacher = get_method(training_args.distill_method).requires_teacher
+    if training_args.do_train or training_args.do_eval or training_args.push_to_hub:
+        protected = source_dirs(teacher_id if needs_teacher else None, model_args.student_name)
+        check_output_dir(training_args.output_dir, protected=protected, overwrite=training_args.overwrite_output_dir)
+        RunLock(training_args.output_dir, owner=False).check()
+
+    # Detecting last checkpoint (transformers' convention: continue a run found in output_dir). The trainer
+    # resumes from the newest complete one (a broken newer one is skipped with a warning).
+    resume: str | bool | None = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = True if resume.lower() == "true" else None
     if (
-        os.path.isdir(training_args.output_dir)
+        resume is None
         and training_args.do_train
-        and training_args.resume_from_checkpoint is None
+        and not training_args.overwrite_output_dir
+        and os.path.isdir(training_args.output_dir)
+        and get_last_checkpoint(training_args.output_dir) is not None
     ):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
+        logger.info("Checkpoints detected in %s: resuming training.", training_args.output_dir)
+        resume = True
 
     set_seed(training_args.seed)
 
-    # Data
+    # Teacher: through pat_hf's loader (one clear message naming the path and the problem), before the data.
     builtin = data_args.dataset_name is None and data_args.train_dir is None
+    teacher = None
+    if needs_teacher:
+        if teacher_id is None:
+            if not builtin:
+                raise ValueError("--teacher_name_or_path is required with your own dataset.")
+            from pat_hf.demo import ensure_teacher
+
+            teacher_id = ensure_teacher(os.path.join(".cache", "pat_hf"))
+        teacher = pat_hf.load_teacher(
+            teacher_id,
+            revision=model_args.teacher_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+        )
+    student_kwargs = json_argument(model_args.student_kwargs, "--student_kwargs")
+    student_cfg = json_argument(model_args.student_pretrained_cfg, "--student_pretrained_cfg")
+
+    # Data
     dataset = load_data(data_args, model_args)
     for split in dataset:
         check_columns(dataset[split], data_args.image_column_name, data_args.label_column_name, what=f"'{split}' split")
@@ -237,43 +299,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if eval_ds is not None and data_args.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
-    label_feature = dataset["train"].features[data_args.label_column_name]
-    class_names = list(getattr(label_feature, "names", None) or [])
-    if not class_names:
-        num = len(set(dataset["train"][data_args.label_column_name]))
-        class_names = [str(i) for i in range(num)]
+    # Labels: type and range from the label column alone; string labels are mapped by name.
+    labels = resolve_labels(dataset["train"], data_args.label_column_name, teacher=teacher)
+    class_names = labels.class_names
 
-    # Teacher and student
-    teacher = model_args.teacher_name_or_path
-    teacher_processor = None
-    if training_args.distill_method != "none":
-        if teacher is None:
-            if not builtin:
-                raise ValueError("--teacher_name_or_path is required with your own dataset.")
-            from pat_hf.demo import ensure_teacher
-
-            teacher = ensure_teacher(os.path.join(".cache", "pat_hf"))
-        teacher_processor = AutoImageProcessor.from_pretrained(
-            teacher,
-            revision=model_args.teacher_revision,
-            token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code,
-            cache_dir=model_args.cache_dir,
-        )
+    # Student
     student = create_student(
         model_args.student_name,
-        num_classes=len(class_names),
+        num_classes=labels.num_classes,
         pretrained=model_args.student_pretrained,
-        pretrained_cfg_overlay=json.loads(model_args.student_pretrained_cfg)
-        if model_args.student_pretrained_cfg
-        else None,
-        **(json.loads(model_args.student_kwargs) if model_args.student_kwargs else {}),
+        pretrained_cfg_overlay=student_cfg or None,
+        **student_kwargs,
     )
     student_view = ImageView.from_timm(student)
-    teacher_view = ImageView.from_image_processor(teacher_processor) if teacher_processor is not None else None
+    teacher_view = teacher.view if teacher is not None else None
 
     # Transforms: timm's augmentation drawn once per image, then resized and normalised for each model.
-    common = {"image_column": data_args.image_column_name, "label_column": data_args.label_column_name}
+    common = {
+        "image_column": data_args.image_column_name,
+        "label_column": data_args.label_column_name,
+        "class_names": class_names if labels.kind == "str" else None,
+    }
     if train_ds is not None:
         train_ds = with_image_transforms(
             train_ds, student_view, teacher_view, train=True, **augmentation_options(data_args), **common
@@ -289,17 +335,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         class_names=class_names,
-        teacher_image_processor=teacher_processor,
-        teacher_revision=model_args.teacher_revision,
-        trust_remote_code=model_args.trust_remote_code,
         dataset_name=BUILTIN_DATASET if builtin else (data_args.dataset_name or "imagefolder"),
     )
     results: dict[str, Any] = {}
 
     # Training
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)

@@ -47,7 +47,8 @@ def test_nan_teacher_stops_training_naming_the_component(tmp_path):
         trainer.train()
     # The step that saw NaN made no update, and the checkpoint before it is complete and finite.
     assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
-    assert sorted(os.listdir(trainer.args.output_dir)) == ["checkpoint-2"]
+    # The run marker, the checkpoint before the bad step, and nothing else (the lock is released).
+    assert sorted(os.listdir(trainer.args.output_dir)) == ["checkpoint-2", "pat_hf_run.json"]
     from safetensors.torch import load_file
 
     saved = load_file(os.path.join(trainer.args.output_dir, "checkpoint-2", "model.safetensors"))

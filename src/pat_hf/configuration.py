@@ -57,6 +57,26 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             "scaling skip such steps instead."
         },
     )
+    divergence_factor: float = field(
+        default=1000.0,
+        metadata={
+            "help": "Stop training (DivergedLossError) before a step's update when its loss exceeds this many times "
+            "its early level (the mean loss of the first 20 steps, counted as at least 1). 0 turns it off. See "
+            "docs/reliability.md."
+        },
+    )
+    divergence_max_loss: float = field(
+        default=1e6,
+        metadata={"help": "Stop training before a step's update when its loss exceeds this value. 0 turns it off."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that holds files no pat_hf run wrote, or another run's export and "
+            "checkpoints (they may be replaced). Never allows writing into the teacher's or student's own folder "
+            "or the Hub cache. The example script then also starts over instead of resuming."
+        },
+    )
     # ---- OFA-KD (distill_method="ofa") ----
     ofa_epsilon: list[float] = field(
         default_factory=lambda: [1.0],
@@ -171,6 +191,15 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             value = getattr(self, name)
             if not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be >= 0 and finite (0 switches the term off), got {value}.")
+        for name in ("divergence_factor", "divergence_max_loss"):
+            value = getattr(self, name)
+            if value is None or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite (0 turns the check off), got {value}.")
+        if self.divergence_factor and self.divergence_factor <= 1:
+            raise ValueError(
+                f"divergence_factor must be > 1 (a loss above its early level times this stops the run) or 0 (off), "
+                f"got {self.divergence_factor}."
+            )
         if self.label_smoothing is None and self.label_smoothing_factor:
             self.label_smoothing = self.label_smoothing_factor
         if self.label_smoothing is not None and not 0 <= self.label_smoothing < 1:

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DatasetError, ImageLoadError, LabelError
 from .preprocessing import ImageView, build_image_transforms
+from .teacher import normalise_class_name
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -25,6 +27,8 @@ __all__ = [
     "dataset_class_names",
     "find_idx",
     "load_fashion_mnist",
+    "prepared_info",
+    "prepared_views",
     "read_idx",
     "with_image_transforms",
 ]
@@ -143,16 +147,81 @@ def load_fashion_mnist(split: str = "train", root: str | None = None) -> Any:
 
 
 def check_columns(dataset: Any, image_column: str, label_column: str | None, what: str = "dataset") -> None:
-    """Fails early, naming the available columns, when the image or label column is missing."""
+    """Fails early, naming the available columns, when the image or label column is missing or the dataset is
+    empty."""
     columns = getattr(dataset, "column_names", None)
-    if columns is None:
+    if columns is not None:
+        missing = [c for c in (image_column, label_column) if c and c not in columns]
+        if missing:
+            raise DatasetError(
+                f"The {what} has no column {', '.join(repr(m) for m in missing)}; its columns are {columns}. "
+                "Set --image_column_name / --label_column_name (or rename the columns)."
+            )
+    check_not_empty(dataset, what)
+
+
+def check_not_empty(dataset: Any, what: str = "dataset") -> None:
+    """Raises :class:`DatasetError` for a dataset with no rows (a sized one; iterable datasets are not counted)."""
+    try:
+        size = len(dataset)
+    except TypeError:
         return
-    missing = [c for c in (image_column, label_column) if c and c not in columns]
-    if missing:
-        raise ValueError(
-            f"The {what} has no column {', '.join(repr(m) for m in missing)}; its columns are {columns}. "
-            "Set --image_column_name / --label_column_name (or rename the columns)."
+    if size == 0:
+        raise DatasetError(
+            f"The {what} is empty (0 rows). Check the data path / split name, the filters applied to it, and "
+            "--max_train_samples / --max_eval_samples."
         )
+
+
+def prepared_info(dataset: Any) -> dict[str, Any] | None:
+    """What :func:`with_image_transforms` recorded on ``dataset`` (kept through ``select``, ``shuffle`` and
+    splits): ``student_view``, ``teacher_view``, ``train``, ``image_column``, ``label_column``,
+    ``class_names``; None for data prepared otherwise."""
+    fmt = getattr(dataset, "format", None)
+    transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
+    info = getattr(transform, "pat_hf", None)
+    return info if isinstance(info, dict) else None
+
+
+def prepared_views(train_dataset: Any, eval_dataset: Any = None) -> dict[str, ImageView | None]:
+    """The views the data was prepared with: ``student`` and ``teacher`` (training data), ``eval_student``."""
+    train, evaluation = prepared_info(train_dataset) or {}, prepared_info(eval_dataset) or {}
+    return {
+        "student": train.get("student_view"),
+        "teacher": train.get("teacher_view"),
+        "eval_student": evaluation.get("student_view"),
+    }
+
+
+def _label_encoder(info: dict[str, Any]):
+    cache: dict[str, Any] = {}
+
+    def encode(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        names = info.get("class_names")
+        if not names:
+            raise LabelError(
+                f"Label {value!r} of column {info['label_column']!r} is a string: give the class names "
+                "(with_image_transforms(..., class_names=...)) so strings can be mapped to class indices."
+            )
+        if cache.get("names") is not names:
+            cache["names"], cache["lookup"] = names, {normalise_class_name(n): i for i, n in enumerate(names)}
+        index = cache["lookup"].get(normalise_class_name(value))
+        if index is None:
+            raise LabelError(f"Label {value!r} of column {info['label_column']!r} is not one of the classes {names}.")
+        return index
+
+    return encode
+
+
+def _find_row(raw: Any, column: str, value: dict[str, Any]) -> int | None:
+    """The row of ``raw`` (images not decoded) holding ``value``; only called once an image failed."""
+    for start in range(0, len(raw), 1000):
+        for offset, item in enumerate(raw[start : start + 1000][column]):
+            if item == value:
+                return start + offset
+    return None
 
 
 def with_image_transforms(
@@ -172,6 +241,7 @@ def with_image_transforms(
     re_prob: float = 0.0,
     re_mode: str = "pixel",
     re_count: int = 1,
+    class_names: Sequence[str] | None = None,
 ) -> Any:
     """Attaches lazy transforms producing ``pixel_values``, ``teacher_pixel_values`` and ``labels``.
 
@@ -179,6 +249,10 @@ def with_image_transforms(
     RandAugment, colour jitter, random-erasing box and fill) made once per image and shared by both models' views
     (see :mod:`pat_hf.augment`). Mixup / CutMix run later, on the batch (``mixup_alpha`` / ``cutmix_alpha`` in
     :class:`~pat_hf.PATTrainingArguments`).
+
+    The views are recorded on the dataset (:func:`prepared_info`): the trainer checks them against the
+    teacher's and records the student's in its export. An image that cannot be decoded raises
+    :class:`pat_hf.errors.ImageLoadError` naming its file (or its row).
 
     Args:
         dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
@@ -196,6 +270,8 @@ def with_image_transforms(
         re_prob: Probability of timm's random erasing.
         re_mode: Random-erasing fill: "const", "rand" or "pixel".
         re_count: Maximum number of erased boxes per image.
+        class_names: Class names in output order: string labels are mapped to their index by name (case, spaces,
+            ``_`` and ``-`` ignored). The trainer sets them for string labels when they are not given.
 
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
@@ -215,17 +291,50 @@ def with_image_transforms(
         re_mode=re_mode,
         re_count=re_count,
     )
+    decoder = raw = None
+    feature = (getattr(dataset, "features", None) or {}).get(image_column)
+    if type(feature).__name__ == "Image" and getattr(feature, "decode", False) and hasattr(dataset, "cast_column"):
+        # Decode here rather than inside `datasets`, so that a broken image is reported with its file or row.
+        import datasets
+
+        raw = dataset.cast_column(image_column, datasets.Image(decode=False, mode=getattr(feature, "mode", None)))
+        dataset, decoder = raw, feature
+    info: dict[str, Any] = {
+        "student_view": student_view,
+        "teacher_view": teacher_view if train else None,
+        "train": train,
+        "image_column": image_column,
+        "label_column": label_column,
+        "class_names": list(class_names) if class_names else None,
+    }
+    encode = _label_encoder(info)
+
+    def load(value: Any) -> Any:
+        if decoder is None:
+            return value
+        try:
+            return decoder.decode_example(value)
+        except Exception as err:
+            where = f"file {value['path']!r}" if isinstance(value, dict) and value.get("path") else None
+            if where is None and raw is not None:
+                row = _find_row(raw.with_format(None), image_column, value)
+                where = f"row {row}" if row is not None else "a row"
+            raise ImageLoadError(
+                f"Cannot read the image in {where} of column {image_column!r} ({type(err).__name__}: {err}). "
+                "The file is truncated or not an image: replace it, or remove it from the dataset."
+            ) from err
 
     def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"pixel_values": []}
-        views = [transform(image) for image in batch[image_column]]
+        views = [transform(load(image)) for image in batch[image_column]]
         out["pixel_values"] = [v["pixel_values"] for v in views]
         if views and "teacher_pixel_values" in views[0]:
             out["teacher_pixel_values"] = [v["teacher_pixel_values"] for v in views]
         if label_column:
-            out["labels"] = list(batch[label_column])
+            out["labels"] = [encode(value) for value in batch[label_column]]
         return out
 
+    apply.pat_hf = info
     dataset = dataset.with_transform(apply)
     return dataset
 

@@ -1,14 +1,36 @@
-"""The errors pat_hf raises that users catch: a training loss that went NaN/infinite, a push the Hub refused."""
+"""The errors pat_hf raises that users catch.
+
+Bad input is refused before any training with a subclass of ``ValueError`` (so ``except ValueError`` keeps
+working) that names the file, column, argument or folder at fault; see docs/reliability.md for the full list.
+"""
 
 from __future__ import annotations
 
 from huggingface_hub.errors import HfHubHTTPError
 
-__all__ = ["HubPushError", "NonFiniteLossError"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointSaveError",
+    "ConfigValueError",
+    "DatasetError",
+    "DivergedLossError",
+    "HubPushError",
+    "ImageLoadError",
+    "LabelError",
+    "NonFiniteLossError",
+    "OutputDirError",
+    "RunLockedError",
+    "TeacherLoadError",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss component became NaN or infinite; training stops before the weights or checkpoints are hit."""
+
+
+class DivergedLossError(FloatingPointError):
+    """The training loss grew far beyond its early level (``divergence_factor``) or past ``divergence_max_loss``
+    while still finite; training stops before that step's update."""
 
 
 class HubPushError(HfHubHTTPError):
@@ -16,3 +38,40 @@ class HubPushError(HfHubHTTPError):
 
     It keeps the Hub's response, so ``except HfHubHTTPError`` still catches it.
     """
+
+
+class OutputDirError(ValueError):
+    """An ``output_dir`` pat_hf will not write to: a model's source folder, the Hub cache, or a folder holding
+    files that no pat_hf run wrote (see :mod:`pat_hf.output_dir`)."""
+
+
+class RunLockedError(OutputDirError):
+    """Another run is training in the same ``output_dir`` (its ``pat_hf_run.lock`` names the process)."""
+
+
+class TeacherLoadError(ValueError):
+    """The teacher could not be loaded as a transformers image classifier; the message names the path and file."""
+
+
+class DatasetError(ValueError):
+    """The data cannot be trained on: empty, a missing column, an unreadable image."""
+
+
+class LabelError(DatasetError):
+    """Labels of the wrong type or out of range for the classes."""
+
+
+class ImageLoadError(DatasetError):
+    """An image of the dataset cannot be read (truncated or corrupt file); the message names the file or row."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: incomplete, corrupted (the message names the file) or another run's."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint or the export failed (e.g. no space left); the earlier checkpoints are intact."""
+
+
+class ConfigValueError(ValueError):
+    """A value of a YAML/JSON config file of the wrong type (``temperature: "hot"``) or an unknown key."""

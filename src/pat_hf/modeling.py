@@ -16,15 +16,15 @@ from .student import (
     create_student,
     is_timm_model,
     is_transformers_model,
+    reconcile_student_view,
     student_num_classes,
-    student_view,
 )
 from .teacher import Teacher, load_teacher, match_classes
 
 if TYPE_CHECKING:
     from .configuration import PATTrainingArguments
 
-__all__ = ["DistillationModel", "build_distillation_model"]
+__all__ = ["DistillationModel", "build_distillation_model", "resolve_teacher"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,42 @@ class DistillationModel(nn.Module):
         return {"loss": out.loss, "logits": out.logits, "loss_parts": out.parts}
 
 
+def resolve_teacher(
+    args: PATTrainingArguments,
+    teacher: nn.Module | str | Teacher | None,
+    *,
+    view: ImageView | None = None,
+    image_processor: Any = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> Teacher | None:
+    """The run's :class:`Teacher`: loaded (a model or an id), checked against the teacher view the data was
+    prepared with (``view``), or None for a method without teacher.
+
+    Raises:
+        ValueError: A method that needs a teacher got none; the data's teacher view disagrees with the teacher's
+            image processor. :class:`pat_hf.errors.TeacherLoadError` when it cannot be loaded.
+    """
+    if not get_method(args.distill_method).requires_teacher:
+        if teacher is not None:
+            logger.warning("distill_method=%r uses no teacher; the teacher given is ignored.", args.distill_method)
+        return None
+    if teacher is None:
+        raise ValueError(f"distill_method={args.distill_method!r} needs teacher=; use 'none' to train without one.")
+    if isinstance(teacher, Teacher):
+        if view is not None:
+            teacher.use_data_view(view)
+        return teacher
+    return load_teacher(
+        teacher,
+        image_processor=image_processor,
+        view=view,
+        revision=revision,
+        token=args.hub_token,
+        trust_remote_code=trust_remote_code,
+    )
+
+
 def build_distillation_model(
     args: PATTrainingArguments,
     student: nn.Module | str,
@@ -124,6 +160,7 @@ def build_distillation_model(
     trust_remote_code: bool = False,
     student_model_args: dict[str, Any] | None = None,
     processing_class: Any = None,
+    data_views: dict[str, ImageView | None] | None = None,
 ) -> DistillationModel:
     """Builds everything a distillation run trains, checking that the pieces fit before any training starts.
 
@@ -143,6 +180,9 @@ def build_distillation_model(
         student_model_args: ``timm.create_model`` arguments the student was built with, when timm did not
             record them.
         processing_class: The image processor of a transformers student.
+        data_views: The views the data was prepared with (``student``, ``eval_student``, ``teacher``; see
+            :func:`pat_hf.data.prepared_views`): the teacher's is checked or adopted, the student's recorded in
+            its ``pretrained_cfg`` (see :func:`pat_hf.student.reconcile_student_view`).
 
     Returns:
         The :class:`DistillationModel` (student + method), with ``teacher``, ``class_names`` and
@@ -159,27 +199,19 @@ def build_distillation_model(
     """
     method_cls = get_method(args.distill_method)
     class_names = list(class_names) if class_names else None
-
-    loaded: Teacher | None = None
-    if method_cls.requires_teacher:
-        if teacher is None:
-            raise ValueError(f"distill_method={args.distill_method!r} needs teacher=; use 'none' to train without one.")
-        loaded = (
-            teacher
-            if isinstance(teacher, Teacher)
-            else load_teacher(
-                teacher,
-                image_processor=teacher_image_processor,
-                revision=teacher_revision,
-                token=args.hub_token,
-                trust_remote_code=trust_remote_code,
-            )
-        )
+    views = data_views or {}
+    loaded = resolve_teacher(
+        args,
+        teacher,
+        view=views.get("teacher"),
+        image_processor=teacher_image_processor,
+        revision=teacher_revision,
+        trust_remote_code=trust_remote_code,
+    )
+    if loaded is not None:
         loaded.class_index = match_classes(
             loaded.label_names, loaded.num_labels, class_names, len(class_names) if class_names else None
         )
-    elif teacher is not None:
-        logger.warning("distill_method=%r uses no teacher; the teacher given is ignored.", args.distill_method)
 
     num_classes = len(class_names) if class_names else None
     if num_classes is None and loaded is not None:
@@ -204,7 +236,7 @@ def build_distillation_model(
         raise TypeError(
             f"The student must be a timm model or a transformers image classifier, got {type(student).__name__}."
         )
-    view = student_view(student, processing_class)
+    view = reconcile_student_view(student, processing_class, views.get("student"), views.get("eval_student"))
     method = method_cls(args, student, loaded)
     return DistillationModel(
         student,

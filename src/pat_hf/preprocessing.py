@@ -8,6 +8,7 @@ When a batch carries only the student's view, :func:`convert_view` derives the t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,9 @@ __all__ = ["ImageView", "build_image_transforms", "convert_view"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resize filters by name (torchvision's InterpolationMode values) and PIL's resample codes.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,14 @@ class ImageView:
         size: (height, width) of the model input.
         mean: Per-channel mean subtracted after scaling pixels to [0, 1].
         std: Per-channel standard deviation.
-        interpolation: Resize interpolation ("bilinear", "bicubic" or "nearest").
-        crop_pct: Fraction of the resized image kept by the evaluation centre crop.
+        interpolation: Resize interpolation: "bilinear", "bicubic", "nearest", "box", "hamming" or "lanczos".
+        crop_pct: Fraction of the resized image kept by the evaluation centre crop, in (0, 2] (timm's values
+            are 0.875 to 1.15).
+
+    Raises:
+        ValueError: A size that is not two positive integers, mean/std that are not 1 or 3 finite numbers (std
+            > 0), an unknown interpolation, or a crop_pct outside (0, 2]. One-value mean/std are repeated for
+            the 3 channels (images are converted to RGB).
     """
 
     size: tuple[int, int]
@@ -39,6 +49,65 @@ class ImageView:
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        raw = (self.size, self.size) if isinstance(self.size, (int, float)) else self.size
+        try:
+            values = [float(v) for v in raw]
+            ok = len(values) == 2 and all(0 < v < math.inf and v == int(v) for v in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"ImageView size must be (height, width), two positive integers; got {self.size!r}.")
+        stats = {}
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, (int, float)) else value
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                value = ()
+            if len(value) == 1:
+                value = value * 3
+            if len(value) != 3 or not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+                rule = "positive" if name == "std" else "finite"
+                raise ValueError(f"ImageView {name} must be 1 or 3 {rule} numbers (one per channel); got {value!r}.")
+            stats[name] = value
+        interpolation = str(self.interpolation).lower()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Unknown ImageView interpolation {self.interpolation!r}; use one of {', '.join(INTERPOLATIONS)}."
+            )
+        try:
+            crop_ok = 0 < float(self.crop_pct) <= 2
+        except (TypeError, ValueError):
+            crop_ok = False
+        if not crop_ok:
+            raise ValueError(
+                f"ImageView crop_pct must be a fraction in (0, 2] (the evaluation resize is size / crop_pct; "
+                f"timm uses 0.875 to 1.15); got {self.crop_pct!r}."
+            )
+        size = (int(values[0]), int(values[1]))
+        for name, value in (("size", size), *stats.items(), ("interpolation", interpolation)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    def agrees_with(self, other: ImageView, tol: float = 1e-4) -> bool:
+        """Same input size and normalisation (what the pixels a model receives depend on)."""
+        return (
+            self.size == other.size
+            and all(abs(a - b) <= tol for a, b in zip(self.mean + self.std, other.mean + other.std))
+            and len(self.mean) == len(other.mean)
+        )
+
+    def describe(self) -> str:
+        """``64x64, mean (0.5, 0.5, 0.5), std (...), bicubic, crop 0.875`` (for messages)."""
+        mean = ", ".join(f"{m:.4g}" for m in self.mean)
+        std = ", ".join(f"{s:.4g}" for s in self.std)
+        return (
+            f"{self.size[0]}x{self.size[1]}, mean ({mean}), std ({std}), {self.interpolation}, "
+            f"crop_pct {self.crop_pct:g}"
+        )
 
     @classmethod
     def from_timm(cls, model: torch.nn.Module) -> ImageView:
@@ -90,11 +159,7 @@ class ImageView:
         if size is None and config is not None:
             size = _size_from_config(config)
         resample = getattr(processor, "resample", None)
-        interpolation = (
-            {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
-            if resample is not None
-            else "bilinear"
-        )
+        interpolation = PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
         return cls(size=size or (224, 224), mean=tuple(mean), std=tuple(std), interpolation=interpolation)
 
     @classmethod

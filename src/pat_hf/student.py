@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
+import os
 from typing import Any
 
 import torch
@@ -12,7 +14,16 @@ from torch import nn
 
 from .preprocessing import ImageView
 
-__all__ = ["create_student", "is_timm_model", "student_logits", "student_num_classes", "student_view"]
+__all__ = [
+    "create_student",
+    "is_timm_model",
+    "reconcile_student_view",
+    "student_build_args",
+    "student_logits",
+    "student_num_classes",
+    "student_source",
+    "student_view",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +84,8 @@ def create_student(
     import timm
 
     is_hub = name.startswith(_HUB_PREFIXES)
+    if name.startswith("local-dir:") and not os.path.isdir(os.path.expanduser(name[len("local-dir:") :])):
+        raise ValueError(f"Student {name!r}: no such folder. Give the folder of a timm export (config.json).")
     if not is_hub:
         if "/" in name or ":" in name:
             raise ValueError(
@@ -111,6 +124,8 @@ def create_student(
             model = _create_by_name(name, pretrained, kwargs)
     # Older timm releases do not record construction arguments; the export needs them to rebuild the model.
     model.pat_hf_model_args = built_with
+    # Where its weights came from: pat_hf never writes there.
+    model.pat_hf_source = name if is_hub else None
     return model
 
 
@@ -173,6 +188,15 @@ def resolve_model_class(path: str) -> type[nn.Module]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{path!r} is not an nn.Module class.")
     return cls
+def student_source(student: nn.Module) -> str | None:
+    """The ``hf-hub:`` / ``local-dir:`` id or folder a student's weights were read from, or None."""
+    source = getattr(student, "pat_hf_source", None)
+    cfg = getattr(student, "pretrained_cfg", None)
+    if source is None and isinstance(cfg, dict) and cfg.get("source") == "local-dir" and cfg.get("file"):
+        source = "local-dir:" + str(cfg["file"])
+    if source is None and is_transformers_model(student):
+        source = getattr(student.config, "_name_or_path", None) or None
+    return source
 
 
 def student_logits(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -207,6 +231,115 @@ def student_view(student: nn.Module, processing_class: Any = None) -> ImageView:
         f"Cannot tell the input size and normalisation of the student {type(student).__name__}: use a timm model "
         "(its pretrained_cfg says) or a transformers model with its image processor as processing_class."
     )
+
+
+def student_build_args(student: nn.Module, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments that rebuild ``student`` (recorded ones, plus in_chans, global_pool,
+    img_size as the model has them), JSON-normalised (tuples as lists); ``{}`` for a transformers model."""
+    if not is_timm_model(student):
+        return {}
+    try:
+        from timm.models._input import get_model_args
+    except ImportError:  # older timm records no construction arguments
+        get_model_args = None
+    args = dict(get_model_args(student, model_args or {})) if get_model_args else dict(model_args or {})
+    return json.loads(json.dumps(args, default=str))
+
+
+def _fixed_input_size(student: nn.Module) -> tuple[int, int] | None:
+    patch_embed = getattr(student, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None or not getattr(patch_embed, "strict_img_size", False):
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def reconcile_student_view(
+    student: nn.Module,
+    processing_class: Any = None,
+    train_view: ImageView | None = None,
+    eval_view: ImageView | None = None,
+) -> ImageView:
+    """The student's view, made to agree with the views its data was prepared with.
+
+    A timm student records what it is trained on: when the data's size, mean/std, interpolation or (evaluation)
+    crop_pct differ from its ``pretrained_cfg``, the ``pretrained_cfg`` takes the data's values (with a warning
+    for size and normalisation), so its export preprocesses as training did. A transformers student with an
+    image processor must agree with the data; one without takes the data's view.
+
+    Raises:
+        ValueError: Training and evaluation data prepared with different student views; data of another size
+            than a fixed-size student (ViT) accepts; a transformers student whose processor disagrees; a timm
+            student built for another channel count than the 3 RGB channels of the data.
+    """
+    own = student_view(student, processing_class)
+    data = train_view or eval_view
+    if data is None:
+        return own
+    if train_view is not None and eval_view is not None and not train_view.agrees_with(eval_view):
+        raise ValueError(
+            f"The training data was prepared for the student with {train_view.describe()} but the evaluation "
+            f"data with {eval_view.describe()}: one run must use one view. Build both with the same ImageView."
+        )
+    if not is_timm_model(student):
+        if own.agrees_with(data):
+            return own
+        if processing_class is not None:
+            raise ValueError(
+                f"The data was prepared for the student with {data.describe()}, but its image processor "
+                f"(processing_class) says {own.describe()}. Build the dataset with "
+                "ImageView.from_image_processor(processing_class)."
+            )
+        return data
+    in_chans = student_build_args(student).get("in_chans", 3)
+    if in_chans != 3:
+        raise ValueError(
+            f"The student was built with in_chans={in_chans}, but with_image_transforms feeds RGB images "
+            "(3 channels). Create it with in_chans=3 (the default)."
+        )
+    fixed = _fixed_input_size(student)
+    if fixed is not None and fixed != data.size:
+        raise ValueError(
+            f"The student takes {fixed[0]}x{fixed[1]} inputs only, but the data was prepared at "
+            f"{data.size[0]}x{data.size[1]}. Create it with img_size={data.size[0]} (pat_hf.create_student(..., "
+            f"img_size=...)) or build the dataset with ImageView.from_timm(student)."
+        )
+    patch_embed = getattr(student, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
+    if (
+        patch
+        and not getattr(patch_embed, "dynamic_img_pad", False)
+        and (data.size[0] % patch[0] or data.size[1] % patch[1])
+    ):
+        raise ValueError(
+            f"The student cuts its input into {patch[0]}x{patch[1]} patches, but the data was prepared at "
+            f"{data.size[0]}x{data.size[1]}, not a multiple. Prepare it at a multiple of the patch size "
+            "(ImageView.from_timm(student) gives the size the student was built for)."
+        )
+    crop_pct = eval_view.crop_pct if eval_view is not None else own.crop_pct
+    if own.agrees_with(data) and own.interpolation == data.interpolation and own.crop_pct == crop_pct:
+        return own
+    if not own.agrees_with(data):
+        logger.warning(
+            "The student's pretrained_cfg says %s, but its data is prepared with %s: its pretrained_cfg (and its "
+            "export's config.json) now record what it is trained on.",
+            own.describe(),
+            data.describe(),
+        )
+    channels = (student.pretrained_cfg.get("input_size") or (3,))[0]
+    cfg = dict(student.pretrained_cfg)
+    cfg.update(
+        input_size=(channels, *data.size),
+        mean=data.mean,
+        std=data.std,
+        interpolation=data.interpolation,
+        crop_pct=crop_pct,
+    )
+    student.pretrained_cfg = cfg
+    if hasattr(student, "default_cfg"):
+        student.default_cfg = cfg
+    return ImageView.from_timm(student)
 
 
 def check_timm_rebuildable(

@@ -19,16 +19,19 @@ from transformers import Trainer
 
 from .checkpointing import CheckpointMixin
 from .configuration import PATTrainingArguments
-from .data import collate_images, dataset_class_names
-from .errors import NonFiniteLossError
+from .data import collate_images, prepared_views
+from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
+from .loss_guard import LossGuard
 from .metrics import build_compute_metrics
-from .modeling import build_distillation_model
+from .modeling import build_distillation_model, resolve_teacher
+from .output_dir import RunLock, check_output_dir, source_dirs
 from .recipe_mixin import RecipeMixin
-from .student import student_num_classes
+from .student import student_num_classes, student_source
 from .teacher import Teacher
+from .validation import check_dataset_labels
 
-__all__ = ["NonFiniteLossError", "PATDistillationTrainer"]
+__all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
 
 
 class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
@@ -43,8 +46,8 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
         model: The student: a timm ``nn.Module``, or a timm name / ``hf-hub:`` / ``local-dir:`` id created with
             as many classes as the dataset has. A transformers image classifier also works (to train teachers
             with ``distill_method="none"``).
-        teacher: A transformers image classifier, or a Hub id / local path for
-            ``AutoModelForImageClassification``. Required unless the method is ``none``.
+        teacher: A transformers image classifier, a Hub id / local path for ``AutoModelForImageClassification``,
+            or a :class:`pat_hf.Teacher` from :func:`pat_hf.load_teacher`. Required unless the method is ``none``.
         args: :class:`PATTrainingArguments`.
         data_collator: Defaults to stacking ``pixel_values``, ``teacher_pixel_values`` and ``labels``.
         train_dataset: Training data yielding those keys (see :func:`pat_hf.data.with_image_transforms`).
@@ -61,6 +64,12 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
             that do not record them (the export must rebuild the same architecture).
         dataset_name: Name of the training data for the model card (a Hub id is linked as metadata).
         **kwargs: Passed to ``transformers.Trainer`` (callbacks, optimizers, ...).
+
+    Raises:
+        ValueError: (subclasses from :mod:`pat_hf.errors`) before anything is trained: a teacher that cannot be
+            loaded, labels of the wrong type or range, an empty dataset, views that disagree, classes that do not
+            match, an ``output_dir`` inside a model's source folder. ``train()`` adds the output-folder and
+            checkpoint checks; see docs/reliability.md.
 
     Example:
         >>> args = PATTrainingArguments("out", distill_method="kd", num_train_epochs=3)
@@ -97,20 +106,40 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
             )
         if model is None:
             raise ValueError("model= (the student) is required: a timm model or a timm name / hf-hub: / local-dir: id.")
-        # Classes: the dataset's names (ClassLabel) define the label space everything is matched to.
-        if class_names is None:
-            class_names = dataset_class_names(train_dataset) or dataset_class_names(eval_dataset)
+        # Before anything is built: the teacher (checked against the view the data was prepared with), then the
+        # labels (type and range, from the label column alone; they may name the classes).
+        views = prepared_views(train_dataset, eval_dataset)
+        teacher = resolve_teacher(
+            args,
+            teacher,
+            view=views["teacher"],
+            image_processor=teacher_image_processor,
+            revision=teacher_revision,
+            trust_remote_code=trust_remote_code,
+        )
+        class_names = check_dataset_labels(
+            train_dataset,
+            eval_dataset,
+            class_names=class_names,
+            teacher=teacher,
+            num_classes=student_num_classes(model) if isinstance(model, nn.Module) else None,
+        )
         wrapper = build_distillation_model(
             args,
             model,
             teacher,
             class_names=class_names,
-            teacher_image_processor=teacher_image_processor,
-            teacher_revision=teacher_revision,
-            trust_remote_code=trust_remote_code,
             student_model_args=student_model_args,
             processing_class=processing_class,
+            data_views=views,
         )
+        # pat_hf never writes into the teacher's or the student's own folder, nor the Hub cache.
+        self._protected_dirs = source_dirs(
+            teacher.source_dir if teacher is not None else None,
+            teacher.name_or_path if teacher is not None else None,
+            student_source(wrapper.student),
+        )
+        check_output_dir(args.output_dir, protected=self._protected_dirs, overwrite=True)
         self.teacher: Teacher | None = wrapper.teacher
         self.class_names: list[str] | None = wrapper.class_names
         self.student_model_args = wrapper.student_model_args
@@ -131,6 +160,7 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
             # The teacher always runs inside the prepared wrapper's forward, so it inherits its autocast; it only
             # needs to live on this process's device.
             self.teacher.to(self.args.device)
+        self._loss_guard = LossGuard(self.args, self.accelerator)
         self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -183,34 +213,9 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
         for name, value in outputs["loss_parts"].items():
             store[name].append(value.detach().float())
         loss = outputs["loss"]
-        if model.training and self.args.stop_on_nonfinite_loss:
-            self._check_finite(outputs["loss_parts"], loss)
+        if model.training:  # NaN / infinite / diverging: stop before the backward touches the weights
+            self._loss_guard.check(outputs["loss_parts"], loss, self.state.global_step + 1)
         return (loss, {"logits": outputs["logits"]}) if return_outputs else loss
-
-    def _check_finite(self, parts: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        """Raises :class:`NonFiniteLossError` naming the component(s), before the backward touches the weights.
-
-        One device sync per step. Under several processes the flags are summed across ranks so that every rank
-        stops together (one rank raising alone would leave the others waiting in DDP's all-reduce).
-        """
-        labels = [f"loss_{name}" for name in parts] + ["loss"]
-        values = torch.stack([v.detach().float().reshape(()) for v in parts.values()] + [loss.detach().float()])
-        local_bad = ~torch.isfinite(values)
-        bad = local_bad.float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if not bool(bad.any()):
-            return
-        if bool(local_bad.any()):
-            where = ", ".join(f"{n}={v:.4g}" for n, v, b in zip(labels, values.tolist(), local_bad.tolist()) if b)
-        else:
-            where = "on another process: " + ", ".join(n for n, b in zip(labels, bad.tolist()) if b)
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {self.state.global_step + 1} (method {self.args.distill_method!r}): {where}. "
-            "Training stopped before this step's update; the checkpoints already written are intact. "
-            "Try a lower learning_rate, max_grad_norm (gradient clipping), bf16 instead of fp16, or check the "
-            "inputs (NaN pixels, wrong normalisation); resume_from_checkpoint restarts from the last good checkpoint."
-        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of each loss component since the last log (``loss_ce``, ``eval_loss_kd``, ...)."""
@@ -254,14 +259,24 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
         ignore_keys_for_eval: Any = None,
         **kwargs: Any,
     ):
-        """Trains; refuses an output_dir holding another run's checkpoints (see :meth:`manifest`)."""
+        """Trains, after the checks that need the output folder: not a model's source folder, no foreign files,
+        no other run training there (``pat_hf_run.lock``), checkpoints and marker of this same run; then resumes
+        from the checkpoint asked for (``True``: the newest complete one)."""
         self._loss_parts["train"].clear()
-        self._check_checkpoints_before_train(resume_from_checkpoint)
-        output = super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        self._loss_guard.reset()
+        run_dir = self.args.output_dir
+        check_output_dir(run_dir, protected=self._protected_dirs, overwrite=self.args.overwrite_output_dir)
+        lock = RunLock(run_dir, owner=self.is_world_process_zero())
+        lock.check()
+        self.accelerator.wait_for_everyone()
+        lock.acquire()
+        try:
+            resume = self._check_checkpoints_before_train(resume_from_checkpoint)
+            self._claim_output_dir(run_dir)
+            output = super().train(
+                resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            lock.release()
         self._sync_buffers_from_main_process()
         return output

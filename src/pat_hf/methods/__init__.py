@@ -18,7 +18,7 @@ from .fitnet import FitNetDistillation
 from .kd import KnowledgeDistillation, NoDistillation
 from .ofa import OFADistillation
 from .pat import PerspectiveAwareTeaching
-from .registry import available_methods, get_method, register_method
+from .registry import available_methods, get_method, loss_parts_table, register_method
 
 __all__ = [
     "DISTDistillation",
@@ -33,5 +33,6 @@ __all__ = [
     "PerspectiveAwareTeaching",
     "available_methods",
     "get_method",
+    "loss_parts_table",
     "register_method",
 ]

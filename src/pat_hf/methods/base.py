@@ -118,6 +118,10 @@ class DistillationMethod(nn.Module):
     default_temperature: ClassVar[float] = 1.0
     default_label_smoothing: ClassVar[float] = 0.0
     description: ClassVar[str] = ""
+    #: The loss parts a training step returns (logged as ``loss_<name>``), with their meaning; ``{stage}`` in a
+    #: name stands for each configured stage (``ofa_s{stage}``). docs/index.md's table is generated from these
+    #: (:func:`pat_hf.methods.loss_parts_table`) and a test checks what each method really logs.
+    loss_parts: ClassVar[dict[str, str]] = {"ce": "cross-entropy on the labels (labelled batches only)"}
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:
@@ -156,6 +160,13 @@ class DistillationMethod(nn.Module):
         Args:
             epoch: Epochs of training completed so far (>= 0).
         """
+    @classmethod
+    def eval_loss_parts(cls) -> dict[str, str]:
+        """The parts :meth:`evaluate` returns (logged as ``eval_loss_<name>``)."""
+        parts = {"ce": "cross-entropy of the student"}
+        if cls.requires_teacher:
+            parts["kd"] = "KL to the plain teacher at T, times T² (with eval_teacher_losses)"
+        return parts
 
     def evaluate(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         """Evaluation loss: the student's CE, plus the logit-level KD term against the plain teacher.

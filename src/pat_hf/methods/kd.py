@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ class NoDistillation(DistillationMethod):
     name = "none"
     requires_teacher = False
     description = "cross-entropy on the labels, no teacher"
+    loss_parts: ClassVar[dict[str, str]] = {"ce": "cross-entropy on the labels"}
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         if batch.labels is None:
@@ -47,6 +50,10 @@ class KnowledgeDistillation(DistillationMethod):
     name = "kd"
     default_temperature = 4.0
     description = "Hinton knowledge distillation on the logits"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels (labelled batches only)",
+        "kd": "KL(p_t ‖ p_s) at temperature T, times T²",
+    }
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         teacher, teacher_pixels = self.teacher_inputs(teacher, batch)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from .base import DistillationMethod
 
-__all__ = ["available_methods", "get_method", "register_method"]
+__all__ = ["available_methods", "get_method", "loss_parts_table", "register_method"]
 
 _METHODS: dict[str, type[DistillationMethod]] = {}
 
@@ -54,3 +54,24 @@ def get_method(name: str) -> type[DistillationMethod]:
         raise ValueError(
             f"Unknown distillation method {name!r}; registered methods: {', '.join(available_methods())}."
         ) from None
+
+
+def loss_parts_table() -> str:
+    """The Markdown table of what every registered method logs (docs/index.md holds it; a test compares)."""
+
+    def show(parts: dict[str, str], prefix: str) -> str:
+        items = []
+        for name, meaning in parts.items():
+            shown = (
+                name.replace("{stage}", "1") + "` … `" + prefix + name.replace("{stage}", "4")
+                if "{stage}" in name
+                else name
+            )
+            items.append(f"`{prefix}{shown}`: {meaning.replace('{stage}', 'N')}")
+        return "<br>".join(items)
+
+    rows = ["| method | training (`loss_<part>`) | evaluation (`eval_loss_<part>`) |", "|---|---|---|"]
+    for name in available_methods():
+        cls = _METHODS[name]
+        rows.append(f"| `{name}` | {show(cls.loss_parts, 'loss_')} | {show(cls.eval_loss_parts(), 'eval_loss_')} |")
+    return "\n".join(rows)

@@ -3,7 +3,7 @@ logits (the heads are in :mod:`.heads`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +41,11 @@ class OFADistillation(DistillationMethod):
     # The OFA recipes train with label smoothing 0.1 (see docs), like PAT.
     default_label_smoothing = 0.1
     description = "OFA-KD: branch heads on the student's stages learn the teacher's logits"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels (labelled batches only)",
+        "ofa": "OFA loss of the student's logits against the teacher's",
+        "ofa_s{stage}": "OFA loss of the branch head on student stage {stage} (one per ofa_stages entry)",
+    }
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:

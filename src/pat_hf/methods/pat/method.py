@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -55,6 +55,12 @@ class PerspectiveAwareTeaching(DistillationMethod):
     default_temperature = 1.0
     default_label_smoothing = 0.1
     description = "Perspective-Aware Teaching: feedback prompts in the teacher, region-aware attention, HCL"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels (labelled batches only)",
+        "kd": "KL(prompted teacher ‖ student) at temperature T, times T²",
+        "hcl": "HCL feature loss between aligned student regions and prompted teacher stages",
+        "reg": "KL regulariser between the prompted and the plain teacher",
+    }
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:
