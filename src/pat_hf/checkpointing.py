@@ -398,6 +398,8 @@ def _ema_manifest(trainer: Any) -> dict[str, Any] | None:
     """The manifest's record of the model EMA (settings and file), None without one."""
     ema = find_model_ema(trainer)
     return None if ema is None else {**ema.settings(), "file": EMA_WEIGHTS_NAME}
+
+
 def manifest_differences(saved: dict[str, Any], current: dict[str, Any], saved_name: str = "checkpoint") -> list[str]:
     """The differences between a saved run description and the current one, one line each.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import re
 import os
+import re
 from typing import Any
 
 import torch
@@ -188,6 +188,8 @@ def resolve_model_class(path: str) -> type[nn.Module]:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{path!r} is not an nn.Module class.")
     return cls
+
+
 def student_source(student: nn.Module) -> str | None:
     """The ``hf-hub:`` / ``local-dir:`` id or folder a student's weights were read from, or None."""
     source = getattr(student, "pat_hf_source", None)

@@ -160,6 +160,7 @@ class DistillationMethod(nn.Module):
         Args:
             epoch: Epochs of training completed so far (>= 0).
         """
+
     @classmethod
     def eval_loss_parts(cls) -> dict[str, str]:
         """The parts :meth:`evaluate` returns (logged as ``eval_loss_<name>``)."""

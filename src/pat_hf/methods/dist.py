@@ -8,7 +8,7 @@ and between their scores of each class across the batch (intra-class relation).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +37,11 @@ class DISTDistillation(DistillationMethod):
     name = "dist"
     default_temperature = 1.0
     description = "DIST: inter- and intra-class Pearson correlation between student and teacher predictions"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels (labelled batches only)",
+        "dist_inter": "1 - Pearson correlation of each image's class distribution, times T² (before beta)",
+        "dist_intra": "1 - Pearson correlation of each class's scores across the batch, times T² (before gamma)",
+    }
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:

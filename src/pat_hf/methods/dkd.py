@@ -10,7 +10,7 @@ code (megvii-research/mdistiller): weight ``min(epoch / warmup, 1)``, the epoch 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -48,6 +48,11 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
     name = "dkd"
     default_temperature = 4.0
     description = "Decoupled KD: target-class and non-target-class terms weighted separately"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels",
+        "tckd": "target-class KD term (binary KL at T, times T², before alpha and the warm-up)",
+        "nckd": "non-target-class KD term (KL over the other classes at T, times T², before beta and the warm-up)",
+    }
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:

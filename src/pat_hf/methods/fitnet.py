@@ -21,7 +21,7 @@ The connectors are trained with the student, live in this method module (saved i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,11 @@ class FitNetDistillation(DistillationMethod):
     name = "fitnet"
     default_temperature = 1.0
     description = "FitNet: learned connectors map student stage features onto teacher stage features (MSE)"
+    loss_parts: ClassVar[dict[str, str]] = {
+        "ce": "cross-entropy on the labels (labelled batches only)",
+        "kd": "KL(p_t ‖ p_s) at temperature T, times T²",
+        "hint": "MSE of the connected student stages against the teacher stages, summed over the pairs",
+    }
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:
