@@ -22,13 +22,18 @@ function, whereas the step fuses them into the prompted teacher pass).
 
 `--timeout` bounds each configuration's process and `--budget` the whole invocation: a configuration that times
 out, fails (`--keep-going`) or is not started for lack of budget is reported as such and the others still run.
+`--one-process` (GPU) runs the configurations one after the other in a single process, which saves the imports
+and, compiled, lets each configuration find the graphs of the previous ones in inductor's disk cache; peak GPU
+memory is still per configuration (`torch.cuda.reset_peak_memory_stats` after the previous one is freed).
 
 CPU memory is the peak resident set size of a second process per configuration, which runs the warm-up steps
 and two more. glibc keeps freed memory of mid-sized allocations in its heap, so a plain peak RSS says more
 about the allocator's history than about what the step needs; that process starts with
 ``MALLOC_MMAP_THRESHOLD_=131072``, so that every tensor above 128 KiB goes back to the system when it is freed
 and the peak RSS follows live memory, as ``torch.cuda.max_memory_allocated`` does on a GPU. The timed process
-runs with the allocator's defaults.
+runs with the allocator's defaults. Compiled (`--compile`), the compiler's own memory is left out: the peak is
+taken over the steps after the warm-up (VmHWM reset through /proc/self/clear_refs), less what the warm-up left
+resident beyond the models and the optimizer's state (graphs, kernels, caches), reported as `compiler_mib`.
 """
 
 from __future__ import annotations
@@ -133,11 +138,31 @@ def run_one(
     base_rss = _rss_kib()
     if memory_only:
         # CPU peak memory, in a process of its own started with a fixed mmap threshold (see the module doc).
-        for _ in range(warmup + 2):
+        if not compile_backend:
+            for _ in range(warmup + 2):
+                step()
+            return {
+                "peak_mib": (_peak_rss_kib() - base_rss) / 1024,
+                "peak_total_mib": (_peak_rss_kib() - libraries_rss) / 1024,
+            }
+        # Compiled: the compiler's own peak (tracing, code generation) and what it keeps (graphs, kernels) are not
+        # training memory. The peak is taken over the steps after the warm-up (the kernel's high-water mark reset),
+        # less what the warm-up left that is neither the models nor the optimizer's state.
+        for _ in range(warmup):
+            step()
+        optimizer_kib = sum(
+            t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+            if torch.is_tensor(t)
+        ) / 1024  # fmt: skip
+        compiler_kib = max(_rss_kib() - base_rss - optimizer_kib, 0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        for _ in range(2):
             step()
         return {
-            "peak_mib": (_peak_rss_kib() - base_rss) / 1024,
-            "peak_total_mib": (_peak_rss_kib() - libraries_rss) / 1024,
+            "peak_mib": (_peak_rss_kib() - base_rss - compiler_kib) / 1024,
+            "peak_total_mib": (_peak_rss_kib() - libraries_rss - compiler_kib) / 1024,
+            "compiler_mib": compiler_kib / 1024,
         }
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -271,6 +296,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed to each configuration's process")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all configurations together")
     parser.add_argument("--keep-going", action="store_true", help="report a failed configuration and go on")
+    parser.add_argument("--one-process", action="store_true", help="every configuration in one process (see above)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
@@ -278,25 +304,61 @@ def main() -> None:
     device = "cuda" if args.cuda else "cpu"
 
     if args._child:
+        import gc
+
         import torch
 
         torch.set_num_threads(args.threads)
-        result = run_one(
-            args._child,
-            args.pair,
-            args.image_size,
-            args.batch,
-            args.steps,
-            args.warmup,
-            device,
-            args.bf16,
-            args._memory,
-            args.compile_backend if args.compile else None,
-        )
-        print(json.dumps(result))
+        for config in args._child.split(","):
+            result = run_one(
+                config,
+                args.pair,
+                args.image_size,
+                args.batch,
+                args.steps,
+                args.warmup,
+                device,
+                args.bf16,
+                args._memory,
+                args.compile_backend if args.compile else None,
+            )
+            print(json.dumps({"config": config, **result}), flush=True)
+            # --one-process: the next configuration starts from empty caches (the compiled graphs stay on disk).
+            torch._dynamo.reset()
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         return
 
     started = time.monotonic()
+
+    def remaining_timeout(per_child: float | None) -> float | None:
+        if args.budget is None:
+            return per_child
+        left = args.budget - (time.monotonic() - started)
+        return left if per_child is None else min(per_child, left)
+
+    def one_process(configs: list[str]) -> dict[str, dict]:
+        """All configurations in one process (GPU): imports once, compiled graphs reused from the disk cache."""
+        argv = [a for a in sys.argv[1:] if a != "--_memory"]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--_child", ",".join(configs)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+        timeout = remaining_timeout(None if args.timeout is None else args.timeout * len(configs))
+        status, stdout = "failed", ""
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+            stdout = out.stdout
+            if out.returncode:
+                print(f"failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired as err:
+            stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or ""
+            status = f"timed out ({timeout:.0f} s for all)"
+        done = {}
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                done[record["config"]] = record
+        return {config: done.get(config, {"status": status}) for config in configs}
 
     def child(config: str, memory: bool) -> dict:
         argv = [a for a in sys.argv[1:] if a != "--_memory"]
@@ -304,12 +366,9 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
         if memory:
             env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        timeout = args.timeout
-        if args.budget is not None:
-            left = args.budget - (time.monotonic() - started)
-            if left <= 0:
-                return {"status": "skipped (budget)"}
-            timeout = left if timeout is None else min(timeout, left)
+        timeout = remaining_timeout(args.timeout)
+        if timeout is not None and timeout <= 0:
+            return {"status": "skipped (budget)"}
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -321,9 +380,10 @@ def main() -> None:
             return {"status": "failed"}
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    results = {}
+    results = one_process(args.configs) if args.one_process else {}
     for config in args.configs:
-        results[config] = child(config, memory=False)
+        if not args.one_process:
+            results[config] = child(config, memory=False)
         if device != "cuda" and "step_s" in results[config]:
             results[config].update(child(config, memory=True))
         r = results[config]
