@@ -7,8 +7,7 @@ modules and tensors (the student's forward, the plain teacher pass, PAT's prompt
 prompts, the heads, the losses). What is stateful or not traceable stays between the regions, in eager code:
 the taps' capture lists, the prompt transforms being switched on and off, PAT's feedback state and the
 block-by-block recomputation of ``pat_checkpoint_teacher``. So every region traces into one graph (no graph
-break), the passes keep the order chosen for peak memory (each region is one autograd node), and a state
-change never recompiles anything.
+break) and the passes keep the order chosen for peak memory (each region is one autograd node).
 
 Recompiles stay bounded: each region is its own function (its own code object, so its own cache and
 recompile limit), and a batch of another size (an epoch's last) recompiles a region once, with the batch
