@@ -4,15 +4,15 @@
 #      (none kd ofa pat pat_checkpoint) on two pairs (HF ConvNeXt-T -> timm DeiT-T, HF Swin-T -> timm ResNet18),
 #      eager and compiled (torch.compile by regions, inductor), at batch 64 and 256: images/s, peak GPU memory,
 #      PAT's time split. Each (pair, batch, mode) is one process running the configurations in turn, in this
-#      order of priority: eager 64, compiled 64, eager 256, compiled 256. A time budget (GPU_CHECK_BUDGET_S, 300 s)
+#      order of priority: eager 64, compiled 64, eager 256, compiled 256. A time budget (GPU_CHECK_BUDGET_S, 280 s)
 #      bounds the whole part and a timeout each run: what does not fit is printed as skipped or timed out,
 #      never silently dropped (cold compiles are the slow part; inductor's disk cache makes a rerun faster);
 #   2. a 1-GPU `accelerate launch` of the example with --bf16 and --torch_compile on real Fashion-MNIST (PAT, a
 #      randomly initialised transformers ConvNeXt teacher at 28x28): it trains compiled, evaluates and exports.
 # Usage: bash benchmarks/gpu_check.sh [OUTPUT_DIR]   (Fashion-MNIST: PAT_HF_FASHION_MNIST_DIR or Debian's path)
 # Settings (environment): GPU_CHECK_PAIRS, GPU_CHECK_BATCHES ("64 256"), GPU_CHECK_MODES ("eager compiled"),
-# GPU_CHECK_CONFIGS, GPU_CHECK_BUDGET_S (300), GPU_CHECK_RUN_TIMEOUT_S (150), GPU_CHECK_EXAMPLE (1),
-# GPU_CHECK_EXAMPLE_TIMEOUT_S (150). GPU_CHECK_PAIRS="" skips part 1, GPU_CHECK_EXAMPLE=0 part 2.
+# GPU_CHECK_CONFIGS, GPU_CHECK_BUDGET_S (280), GPU_CHECK_RUN_TIMEOUT_S (150), GPU_CHECK_EXAMPLE (1),
+# GPU_CHECK_EXAMPLE_TIMEOUT_S (140). GPU_CHECK_PAIRS="" skips part 1, GPU_CHECK_EXAMPLE=0 part 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-outputs/gpu_check}
@@ -20,7 +20,7 @@ PAIRS=${GPU_CHECK_PAIRS-convnext_t-deit_t swin_t-resnet18}
 BATCHES=${GPU_CHECK_BATCHES:-64 256}
 MODES=${GPU_CHECK_MODES:-eager compiled}
 CONFIGS=${GPU_CHECK_CONFIGS:-none kd ofa pat pat_checkpoint}
-BUDGET=${GPU_CHECK_BUDGET_S:-300}
+BUDGET=${GPU_CHECK_BUDGET_S:-280}
 RUN_TIMEOUT=${GPU_CHECK_RUN_TIMEOUT_S:-150}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 HF_HUB_OFFLINE=1
@@ -81,7 +81,7 @@ tf.ConvNextImageProcessor(size={"shortest_edge": 28}, crop_pct=1.0, image_mean=[
                           image_std=[0.353] * 3).save_pretrained(sys.argv[1])
 PY
   start=$(date +%s)
-  timeout --kill-after=15 "${GPU_CHECK_EXAMPLE_TIMEOUT_S:-150}" \
+  timeout --kill-after=15 "${GPU_CHECK_EXAMPLE_TIMEOUT_S:-140}" \
     accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
     examples/run_image_classification_pat.py examples/configs/default.yaml \
     --teacher_name_or_path "$TEACHER_DIR" --distill_method pat --pat_dim 128 --pat_num_queries 16 \
