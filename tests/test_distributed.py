@@ -53,6 +53,8 @@ SCENARIOS = [
     },
     # The default: the Trainer turns find_unused_parameters on for the (non-PreTrainedModel) wrapper.
     {"name": "pat", "method": "pat"},
+    # torch_compile: regions compiled in each process, inside DDP's forward.
+    {"name": "pat_compiled", "method": "pat", "args": {"torch_compile": True, "torch_compile_backend": "aot_eager"}},
     {"name": "example", "example_argv": None},  # filled in by the fixture (paths)
     # Last: a DDP error leaves the reducer of this trainer unusable.
     {"name": "pat_strict", "method": "pat", "args": {"ddp_find_unused_parameters": False}, "expect_error": True},
@@ -203,7 +205,7 @@ def test_two_processes_match_one_process(runs, references, name):
             assert mine[key] == pytest.approx(whole[key], abs=LOG_ATOL), key
 
 
-@pytest.mark.parametrize("name", ["kd", "ofa", "pat_no_feedback", "pat"])
+@pytest.mark.parametrize("name", ["kd", "ofa", "pat_no_feedback", "pat", "pat_compiled"])
 def test_all_ranks_hold_identical_weights(runs, name):
     rank0, rank1 = runs[name][0]["state"], runs[name][1]["state"]
     assert rank0.keys() == rank1.keys()
@@ -215,6 +217,17 @@ def test_all_ranks_hold_identical_weights(runs, name):
         return [{k: v for k, v in h.items() if not k.endswith(("runtime", "per_second"))} for h in history]
 
     assert timeless(runs[name][0]["log_history"]) == timeless(runs[name][1]["log_history"])
+
+
+def test_compiled_regions_under_ddp_train_as_eager(runs):
+    """torch_compile on 2 processes: DDP wraps the plain wrapper, each process compiles its regions, and the run
+    ends where the eager one does (aot_eager: float32 rounding apart)."""
+    for rank in range(2):
+        compiled, eager = runs["pat_compiled"][rank], runs["pat"][rank]
+        for key, value in compiled["state"].items():
+            torch.testing.assert_close(value, eager["state"][key], rtol=RTOL, atol=ATOL, msg=key)
+        for key, value in compiled["feedback"].items():
+            torch.testing.assert_close(value, eager["feedback"][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_pat_feedback_is_per_process(runs):

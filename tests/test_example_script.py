@@ -69,10 +69,14 @@ def common_args(out, teacher_dir):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["kd", "ofa", "pat"])
+@pytest.mark.parametrize("method", ["kd", "ofa", "pat", "pat_compiled"])
 def test_imagefolder_run_exports_a_timm_student(script, teacher_dir, imagefolder, tmp_path, method):
     out = tmp_path / "run"
-    extra = ["--pat_dim", "32", "--pat_num_heads", "4", "--pat_prompt_stages", "1", "3"] if method == "pat" else []
+    extra = []
+    if method == "pat_compiled":  # --torch_compile: the regions compiled (aot_eager: the graphs, without C++)
+        method, extra = "pat", ["--torch_compile", "true", "--torch_compile_backend", "aot_eager"]
+    if method == "pat":
+        extra += ["--pat_dim", "32", "--pat_num_heads", "4", "--pat_prompt_stages", "1", "3"]
     data = ["--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation")]
     logging = ["--logging_steps", "1"]
     results = script.main(common_args(out, teacher_dir) + data + logging + ["--distill_method", method, *extra])

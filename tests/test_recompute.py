@@ -113,3 +113,21 @@ def test_grad_mode_is_restored_when_a_block_raises():
     with pytest.raises(RuntimeError), recompute.active():
         net(torch.randn(2, 10, 8) + prompt.sum())  # wrong width: LayerNorm raises inside the first block
     assert torch.is_grad_enabled()
+
+
+def test_hooks_exist_only_inside_active():
+    """Outside active() the blocks carry no hook of it: a compiled forward of the same model (PAT's plain teacher
+    pass) neither traces them nor recompiles when they come and go."""
+    net = frozen(Net())
+    recompute = BlockRecompute(list(net.blocks))
+
+    def hook_counts():
+        return [len(b._forward_pre_hooks) + len(b._forward_hooks) for b in net.blocks]
+
+    assert hook_counts() == [0, 0, 0]
+    with recompute.active():
+        assert hook_counts() == [2, 2, 2]
+        with recompute.active():  # nested: installed once
+            assert hook_counts() == [2, 2, 2]
+        assert hook_counts() == [2, 2, 2]
+    assert hook_counts() == [0, 0, 0]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .compile import is_compiled_module, unwrap_compiled
 from .methods import DistillationBatch, DistillationMethod, get_method
 from .preprocessing import ImageView, convert_view
 from .student import (
@@ -46,6 +47,9 @@ class DistillationModel(nn.Module):
         student_model_args: The ``timm.create_model`` arguments the student was built with (for its export).
         student_model_class: Dotted path of the timm class the export loads with, when timm's registry cannot
             rebuild it (a student built from its class); None when ``timm.create_model`` can.
+        compiled_student: ``torch.compile(student)`` when the student was given compiled: the forward calls it
+            (its own compile options), while ``student`` (registered, so state dicts, checkpoints and the export
+            have the plain keys) is the module inside it. Not used once the trainer compiles regions.
     """
 
     # Trainer reads these: the loss is a per-batch mean, so Trainer must divide it by the accumulation steps.
@@ -62,9 +66,14 @@ class DistillationModel(nn.Module):
         class_names: list[str] | None = None,
         student_model_args: dict[str, Any] | None = None,
         student_model_class: str | None = None,
+        compiled_student: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.student = student
+        self.student = unwrap_compiled(student)
+        if compiled_student is None and is_compiled_module(student):
+            compiled_student = student
+        # Not a submodule: its parameters are the student's, registered once under their plain names.
+        object.__setattr__(self, "compiled_student", compiled_student)
         self.method = method
         object.__setattr__(self, "teacher", teacher)
         self.student_view = student_view
@@ -106,11 +115,19 @@ class DistillationModel(nn.Module):
                 )
             teacher_pixel_values = convert_view(pixel_values, self.student_view, teacher.view)
         batch = DistillationBatch(pixel_values, labels, teacher_pixel_values if needs_teacher else None)
+        student = self.student
+        if self.compiled_student is not None and not self.method.compiling:
+            student = self.compiled_student
         if self.training:
-            out = self.method(self.student, teacher, batch)
+            out = self.method(student, teacher, batch)
         else:
-            out = self.method.evaluate(self.student, teacher, batch)
+            out = self.method.evaluate(student, teacher, batch)
         return {"loss": out.loss, "logits": out.logits, "loss_parts": out.parts}
+
+    def compile_regions(self, options: dict[str, Any] | None) -> None:
+        """``torch.compile`` the method's regions (student and teacher passes, heads, losses) with ``options``;
+        None: back to eager. What ``torch_compile=True`` does (see :mod:`pat_hf.compile`)."""
+        self.method.compile_regions(options)
 
 
 def resolve_teacher(
@@ -170,7 +187,8 @@ def build_distillation_model(
 
     Args:
         args: The training arguments (``distill_method`` and its settings).
-        student: A timm model, a timm name / ``hf-hub:`` / ``local-dir:`` id, or a transformers image classifier.
+        student: A timm model (or ``torch.compile`` of one), a timm name / ``hf-hub:`` / ``local-dir:`` id, or a
+            transformers image classifier.
         teacher: A transformers image classifier, a Hub id / local path, or a loaded :class:`Teacher`; required
             unless the method is ``none``.
         class_names: The dataset's class names (the label space everything is matched to).
@@ -219,6 +237,9 @@ def build_distillation_model(
 
     if isinstance(student, str):
         student = create_student(student, num_classes=num_classes)
+    # torch.compile(student): checks, heads, export and checkpoints see the module inside it.
+    compiled_student = student if is_compiled_module(student) else None
+    student = unwrap_compiled(student) if isinstance(student, nn.Module) else student
     if not isinstance(student, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(student).__name__}.")
     n_student = student_num_classes(student)
@@ -246,4 +267,5 @@ def build_distillation_model(
         class_names=class_names,
         student_model_args=student_model_args,
         student_model_class=model_class,
+        compiled_student=compiled_student,
     )

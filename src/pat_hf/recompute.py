@@ -125,7 +125,8 @@ class BlockRecompute:
         blocks: Modules, in any order, none inside another; their parameters must not require a gradient
             (only the gradient with respect to their inputs is computed).
 
-    Use :meth:`active` around the forward that should save memory; :meth:`remove` takes the hooks off.
+    Use :meth:`active` around the forward that should save memory: the hooks are installed on entry and taken off
+    on exit.
     """
 
     def __init__(self, blocks: Sequence[nn.Module]) -> None:
@@ -135,31 +136,44 @@ class BlockRecompute:
                 f"block recomputation only computes input gradients, but these parameters require a gradient: "
                 f"{trainable[:3]}{' ...' if len(trainable) > 3 else ''} (freeze the model first)"
             )
+        self._blocks = list(blocks)
         self._active = False
         self._pending: dict[int, list[_Call | None]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Blocks called inside recompute in the backward (when grad mode is on and their input needs a grad).
+
+        The hooks exist only inside this block: outside it the blocks carry none of them, so a compiled forward of
+        the same model (a plain teacher pass) neither traces them nor recompiles when they come and go.
+        """
+        if self._active:  # nested: the hooks are already on
+            yield
+            return
+        self._install()
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            self.remove()
+
+    def _install(self) -> None:
         ref = weakref.ref(self)
         extra = {"always_call": True} if _ALWAYS_CALL else {}
-        for block in blocks:
+        for block in self._blocks:
             # Registered after the stage taps' pre-hooks, so the recorded arguments include the prompts; the
             # post-hook goes first, so the taps capture the re-attached outputs.
             self._handles.append(block.register_forward_pre_hook(_pre_hook(ref), with_kwargs=True))
             self._handles.append(block.register_forward_hook(_post_hook(ref), prepend=True, **extra))
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Blocks called inside recompute in the backward (when grad mode is on and their input needs a grad)."""
-        previous, self._active = self._active, True
-        try:
-            yield
-        finally:
-            self._active = previous
-
     def remove(self) -> None:
-        """Takes the hooks off. Idempotent."""
+        """Takes the hooks off (they are only on inside :meth:`active`). Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._pending.clear()
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .preprocessing import ImageView
 
@@ -32,15 +33,13 @@ _HUB_PREFIXES = ("hf-hub:", "local-dir:")
 
 def is_timm_model(model: nn.Module) -> bool:
     """Whether ``model`` is a timm model (has a ``pretrained_cfg`` and is not a transformers model)."""
-    from transformers import PreTrainedModel
-
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and not isinstance(model, PreTrainedModel)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
+    """Whether ``model`` is a transformers model (imported at the top: a compiled region may ask, and an import
+    inside a traced function breaks the graph on older torch)."""
+    return isinstance(getattr(model, "_orig_mod", model), PreTrainedModel)
 
 
 def create_student(

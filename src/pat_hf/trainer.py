@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Trainer
 
 from .checkpointing import CheckpointMixin
+from .compile import CompileMixin
 from .configuration import PATTrainingArguments
 from .data import collate_images, prepared_views
 from .errors import DivergedLossError, NonFiniteLossError
@@ -34,7 +35,7 @@ from .validation import check_dataset_labels
 __all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
 
 
-class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
+class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
     """Trainer that distils a frozen transformers teacher into a timm student.
 
     The student and the method's trainable heads form one wrapper module (what Trainer optimises, DDP-wraps
@@ -43,7 +44,7 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
     also hold the method's state and a manifest that resume checks.
 
     Args:
-        model: The student: a timm ``nn.Module``, or a timm name / ``hf-hub:`` / ``local-dir:`` id created with
+        model: The student: a timm ``nn.Module`` (or ``torch.compile`` of one), or a timm name / ``hf-hub:`` / ``local-dir:`` id created with
             as many classes as the dataset has. A transformers image classifier also works (to train teachers
             with ``distill_method="none"``).
         teacher: A transformers image classifier, a Hub id / local path for ``AutoModelForImageClassification``,
@@ -156,6 +157,8 @@ class PATDistillationTrainer(HubPushMixin, CheckpointMixin, RecipeMixin, Trainer
         )
         # The loss is a per-batch mean: Trainer must divide it by the accumulation steps (see DistillationModel).
         self.loss_is_scaled_for_ga = False
+        # torch_compile: the methods compile their regions; Accelerate compiles nothing (pat_hf.compile).
+        self._compile_regions()
         if self.teacher is not None:
             # The teacher always runs inside the prepared wrapper's forward, so it inherits its autocast; it only
             # needs to live on this process's device.

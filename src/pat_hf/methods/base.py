@@ -9,12 +9,14 @@ so ``PATTrainingArguments`` needs to know no method's rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..compile import compile_region
 from ..losses import cross_entropy, kl_div_loss
 from ..student import student_logits
 
@@ -28,6 +30,8 @@ __all__ = [
     "DistillationOutput",
     "check_stage_list",
     "init_head_weights",
+    "student_region",
+    "teacher_region",
 ]
 
 
@@ -54,12 +58,18 @@ class DistillationOutput:
     Args:
         loss: The weighted total loss (scalar, differentiable).
         logits: The student's logits (B, K).
-        parts: Unweighted loss components by name (``ce``, ``kd``, ...), for logging.
+        parts: Unweighted loss components by name (``ce``, ``kd``, ...), for logging; detached here.
     """
 
     loss: torch.Tensor
     logits: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Detached here, in eager code, rather than inside a compiled region: inductor (torch 2.11-2.14) can merge a
+        # loss equal to one of its parts (`0 + 1.0 * ce`) with that part, and when the part it returns is
+        # detached, the loss loses its grad_fn too ("element 0 of tensors does not require grad").
+        self.parts = {name: value.detach() for name, value in self.parts.items()}
 
 
 def init_head_weights(module: nn.Module) -> None:
@@ -97,6 +107,16 @@ def check_stage_list(args: Any, name: str) -> None:
     if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
         raise ValueError(f"{name} must be distinct stage numbers among 1, 2, 3, 4; got {stages}.")
     setattr(args, name, sorted(stages))
+
+
+def student_region(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The student's logits (its stage taps, when a method has some, fill their capture lists): a region."""
+    return student_logits(student, pixel_values)
+
+
+def teacher_region(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits in dataset class order, under the caller's grad mode: a region."""
+    return teacher(pixel_values)
 
 
 class DistillationMethod(nn.Module):
@@ -143,6 +163,38 @@ class DistillationMethod(nn.Module):
         self.ce_weight = float(args.ce_weight)
         self.kd_weight = float(args.kd_weight)
         self.eval_teacher_losses = bool(args.eval_teacher_losses)
+        self._compile_options: dict[str, Any] | None = None
+        self._regions: dict[Callable, Callable] = {}
+
+    # ---- compiled regions -------------------------------------------------------------------------------------
+
+    def compile_regions(self, options: dict[str, Any] | None) -> None:
+        """From now on :meth:`region` compiles with ``torch.compile(**options)`` (None: everything eager again).
+
+        Called by the trainer for ``torch_compile`` (see :mod:`pat_hf.compile`). A method compiles the pieces its
+        step calls through :meth:`region`; whatever it calls directly stays eager.
+        """
+        self._compile_options = dict(options) if options else None
+        self._regions = {}
+
+    @property
+    def compiling(self) -> bool:
+        """Whether :meth:`region` returns compiled functions."""
+        return self._compile_options is not None
+
+    def region(self, fn: Callable) -> Callable:
+        """``fn`` itself, or once :meth:`compile_regions` was called, ``fn`` compiled (one compilation per function).
+
+        A region is a module-level function of modules and tensors that traces into one graph: no hook switched
+        on or off, no state kept, no capture list opened inside it (those happen around it, in eager code). Each
+        region must be its own function: torch caches graphs and counts recompiles per code object.
+        """
+        if self._compile_options is None:
+            return fn
+        compiled = self._regions.get(fn)
+        if compiled is None:
+            compiled = self._regions[fn] = compile_region(fn, self._compile_options)
+        return compiled
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         """Computes one training step's loss. Runs in the wrapper's forward (under DDP and autocast)."""
@@ -174,12 +226,11 @@ class DistillationMethod(nn.Module):
 
         No head, prompt or feedback takes part: evaluation measures the student alone.
         """
-        logits = student_logits(student, batch.pixel_values)
-        parts: dict[str, torch.Tensor] = {}
-        loss = self.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, batch.labels)
+        logits = self.region(student_region)(student, batch.pixel_values)
+        teacher_logits = None
         if teacher is not None and self.eval_teacher_losses and batch.teacher_pixel_values is not None:
-            parts["kd"] = kl_div_loss(logits, teacher(batch.teacher_pixel_values), self.temperature)
-            loss = loss + self.kd_weight * parts["kd"]
+            teacher_logits = self.region(teacher_region)(teacher, batch.teacher_pixel_values)
+        loss, parts = self.region(_evaluation_loss)(self, logits, teacher_logits, batch.labels)
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     # ---- helpers for subclasses -----------------------------------------------------------------------------
@@ -187,15 +238,15 @@ class DistillationMethod(nn.Module):
     def add_cross_entropy(
         self, loss: torch.Tensor, parts: dict[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor:
-        """``loss + w_ce·CE(logits, labels)``, recording the unweighted CE as ``parts["ce"]``; ``loss`` unchanged
-        without labels.
+        """``loss + w_ce·CE(logits, labels)``, recording the unweighted CE as ``parts["ce"]`` (not detached:
+        :class:`DistillationOutput` detaches the parts); ``loss`` unchanged without labels.
 
         ``labels`` are class indices (B,), smoothed by ``label_smoothing``, or soft targets (B, K) from Mixup /
         CutMix, used as given: timm's ``Mixup`` has already applied the same label smoothing to them."""
         if labels is None:
             return loss
         ce = cross_entropy(logits, labels, self.label_smoothing)
-        parts["ce"] = ce.detach()
+        parts["ce"] = ce
         return loss + self.ce_weight * ce
 
     def teacher_inputs(self, teacher: Teacher | None, batch: DistillationBatch) -> tuple[Teacher, torch.Tensor]:
@@ -231,3 +282,15 @@ class DistillationMethod(nn.Module):
             "ce_weight": self.ce_weight,
             "kd_weight": self.kd_weight,
         }
+
+
+def _evaluation_loss(
+    method: DistillationMethod, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The evaluation loss of :meth:`DistillationMethod.evaluate` and its parts: a region."""
+    parts: dict[str, torch.Tensor] = {}
+    loss = method.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, labels)
+    if teacher_logits is not None:
+        parts["kd"] = kl_div_loss(logits, teacher_logits, method.temperature)
+        loss = loss + method.kd_weight * parts["kd"]
+    return loss, parts

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..losses import kl_div_loss
-from ..student import student_logits
 from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput
+from .base import DistillationBatch, DistillationMethod, DistillationOutput, student_region, teacher_region
 from .registry import register_method
 
 __all__ = ["KnowledgeDistillation", "NoDistillation"]
@@ -28,9 +27,8 @@ class NoDistillation(DistillationMethod):
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         if batch.labels is None:
             raise ValueError("distill_method='none' needs labels in every batch.")
-        logits = student_logits(student, batch.pixel_values)
-        parts: dict[str, torch.Tensor] = {}
-        loss = self.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, batch.labels)
+        logits = self.region(student_region)(student, batch.pixel_values)
+        loss, parts = self.region(_ce_loss)(self, logits, batch.labels)
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def evaluate(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
@@ -57,10 +55,27 @@ class KnowledgeDistillation(DistillationMethod):
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
+        # The teacher's no-grad pass first: its transients are freed before the student's activations build up.
         with torch.no_grad():
-            teacher_logits = teacher(teacher_pixels)
-        logits = student_logits(student, batch.pixel_values)
-        kd = kl_div_loss(logits, teacher_logits, self.temperature)
-        parts = {"kd": kd.detach()}
-        loss = self.add_cross_entropy(self.kd_weight * kd, parts, logits, batch.labels)
+            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
+        logits = self.region(student_region)(student, batch.pixel_values)
+        loss, parts = self.region(_kd_loss)(self, logits, teacher_logits, batch.labels)
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
+
+
+def _ce_loss(
+    method: DistillationMethod, logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``none``'s loss and its parts: a region."""
+    parts: dict[str, torch.Tensor] = {}
+    loss = method.add_cross_entropy(logits.new_zeros((), dtype=torch.float32), parts, logits, labels)
+    return loss, parts
+
+
+def _kd_loss(
+    method: DistillationMethod, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``kd``'s loss and its parts: a region."""
+    kd = kl_div_loss(logits, teacher_logits, method.temperature)
+    parts = {"kd": kd}
+    return method.add_cross_entropy(method.kd_weight * kd, parts, logits, labels), parts

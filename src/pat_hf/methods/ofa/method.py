@@ -9,10 +9,17 @@ import torch
 from torch import nn
 
 from ...losses import ofa_loss
-from ...student import student_logits, student_num_classes
+from ...student import student_num_classes
 from ...taps import StageSpec, build_taps
 from ...teacher import Teacher
-from ..base import DistillationBatch, DistillationMethod, DistillationOutput, check_stage_list
+from ..base import (
+    DistillationBatch,
+    DistillationMethod,
+    DistillationOutput,
+    check_stage_list,
+    student_region,
+    teacher_region,
+)
 from ..registry import register_method
 from .heads import build_branch_head, is_convolutional_family, teacher_feature_dim
 
@@ -106,16 +113,18 @@ class OFADistillation(DistillationMethod):
         teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
         # The teacher's no-grad pass first: its transients are freed before the student's activations build up.
         with torch.no_grad():
-            teacher_logits = teacher(teacher_pixels)
+            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
+        # The capture list is opened here, in eager code; the student's forward (a region) fills it.
         with self._taps.capture() as features:
-            logits = student_logits(student, batch.pixel_values)
+            logits = self.region(student_region)(student, batch.pixel_values)
         if len(features) != len(self.specs):
             raise RuntimeError(
                 f"Captured {len(features)} stage features from the student, expected {len(self.specs)}: was the "
                 "student passed to the method the one it was built for?"
             )
         stage_features = {stage: features[stage - 1] for stage in self.stages}
-        return self.compute_loss(logits, stage_features, teacher_logits, batch.labels)
+        loss, parts = self.region(_ofa_loss)(self, logits, stage_features, teacher_logits, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def compute_loss(
         self,
@@ -136,18 +145,7 @@ class OFADistillation(DistillationMethod):
             The weighted loss, the student logits and the unweighted, detached parts ``ce``, ``ofa`` (final logits)
             and ``ofa_s1`` ... ``ofa_s4``.
         """
-        parts: dict[str, torch.Tensor] = {}
-        final = ofa_loss(logits, teacher_logits, labels, self.epsilon[-1], self.temperature)
-        loss = self.kd_weight * final
-        parts["ofa"] = final.detach()
-        loss = self.add_cross_entropy(loss, parts, logits, labels)
-        branch_total = logits.new_zeros((), dtype=torch.float32)
-        for stage, eps in zip(self.stages, self.epsilon):
-            head_logits = self.heads[f"s{stage}"](stage_features[stage])
-            branch = ofa_loss(head_logits, teacher_logits, labels, eps, self.temperature)
-            branch_total = branch_total + branch
-            parts[f"ofa_s{stage}"] = branch.detach()
-        loss = loss + self.ofa_weight * branch_total
+        loss, parts = _ofa_loss(self, logits, stage_features, teacher_logits, labels)
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def head_parameters(self) -> int:
@@ -158,3 +156,25 @@ class OFADistillation(DistillationMethod):
         settings = super().settings()
         settings.update(ofa_epsilon=list(self.epsilon), ofa_weight=self.ofa_weight, ofa_stages=list(self.stages))
         return settings
+
+
+def _ofa_loss(
+    method: OFADistillation,
+    logits: torch.Tensor,
+    stage_features: dict[int, torch.Tensor],
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The branch heads and OFA's loss with its parts (:meth:`OFADistillation.compute_loss`): a region."""
+    parts: dict[str, torch.Tensor] = {}
+    final = ofa_loss(logits, teacher_logits, labels, method.epsilon[-1], method.temperature)
+    loss = method.kd_weight * final
+    parts["ofa"] = final
+    loss = method.add_cross_entropy(loss, parts, logits, labels)
+    branch_total = logits.new_zeros((), dtype=torch.float32)
+    for stage, eps in zip(method.stages, method.epsilon):
+        head_logits = method.heads[f"s{stage}"](stage_features[stage])
+        branch = ofa_loss(head_logits, teacher_logits, labels, eps, method.temperature)
+        branch_total = branch_total + branch
+        parts[f"ofa_s{stage}"] = branch
+    return loss + method.ofa_weight * branch_total, parts

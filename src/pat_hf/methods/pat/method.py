@@ -13,8 +13,8 @@ Per training step (docs/methods.md has the full description and the deviations f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -23,10 +23,17 @@ from torch import nn
 from ...losses import hcl_loss, kl_div_loss
 from ...preprocessing import ImageView
 from ...recompute import BlockRecompute
-from ...student import student_logits
 from ...taps import StageSpec, as_map, build_taps
 from ...teacher import Teacher
-from ..base import DistillationBatch, DistillationMethod, DistillationOutput, check_stage_list, init_head_weights
+from ..base import (
+    DistillationBatch,
+    DistillationMethod,
+    DistillationOutput,
+    check_stage_list,
+    init_head_weights,
+    student_region,
+    teacher_region,
+)
 from ..registry import register_method
 from .heads import FeedbackAligner, RegionAwareAttention, StageAligner, region_grid
 from .prompts import AdaptiveFeedbackPrompt
@@ -117,42 +124,56 @@ class PerspectiveAwareTeaching(DistillationMethod):
         init_head_weights(self.aligners)
         # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
         self.feedback: list[torch.Tensor | None] = [None] * 4
-        # Hooks on the frozen teacher's blocks, installed on first use: with them, the prompted pass keeps only
+        # The prompt transforms are built once (a compiled pass guards on them: new ones would recompile it); they
+        # read the feedback of the pass in progress from _pass_feedback, set around each prompted pass.
+        self._pass_feedback: list[torch.Tensor | None] = [None] * 4
+        self._prompt_transforms = {
+            stage - 1: functools.partial(self._apply_prompt, stage) for stage in self.prompt_stages
+        }
+        # Hooks on the frozen teacher's blocks, active only during the prompted pass: with them, the pass keeps only
         # the blocks' inputs and recomputes each block in the backward.
         self.teacher_recompute: BlockRecompute | None = None
 
-    # ---- the prompt hook ---------------------------------------------------------------------------------
+    # ---- the prompted teacher pass -------------------------------------------------------------------------
 
-    def _prompt_transform(self, stage: int, feedback_maps: list[torch.Tensor | None]):
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            feedback = feedback_maps[stage - 1] if self.use_feedback else None
-            # A batch of another size (an epoch's last batch) gets no feedback rather than a cropped one.
-            if feedback is not None and feedback.shape[0] != x.shape[0]:
-                feedback = None
-            if feedback is not None:
-                feedback = feedback.to(device=x.device, dtype=x.dtype)
-                if str(stage) in self.feedback_aligners:
-                    feedback = self.feedback_aligners[str(stage)](feedback)
-            return self.prompts[str(stage)](x, feedback)
-
-        return transform
+    def _apply_prompt(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """The input transform of teacher stage ``stage`` (1-4): ``x`` + its prompt, given the pass's feedback."""
+        feedback = self._pass_feedback[stage - 1] if self.use_feedback else None
+        # A batch of another size (an epoch's last batch) gets no feedback rather than a cropped one.
+        if feedback is not None and feedback.shape[0] != x.shape[0]:
+            feedback = None
+        if feedback is not None:
+            feedback = feedback.to(device=x.device, dtype=x.dtype)
+            if str(stage) in self.feedback_aligners:
+                feedback = self.feedback_aligners[str(stage)](feedback)
+        return self.prompts[str(stage)](x, feedback)
 
     def prompted_teacher_forward(
         self, teacher: Teacher, pixel_values: torch.Tensor, feedback_maps: list[torch.Tensor | None]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The teacher with prompts at its stage inputs: its logits and its 4 stage outputs (autograd kept)."""
-        transforms = {stage - 1: self._prompt_transform(stage, feedback_maps) for stage in self.prompt_stages}
-        self.teacher_taps.set_input_transforms(transforms)
-        recompute = nullcontext()
-        if self.checkpoint_teacher:
-            if self.teacher_recompute is None:
-                self.teacher_recompute = BlockRecompute(self.teacher_taps.blocks)
-            recompute = self.teacher_recompute.active()
+        """The teacher with prompts at its stage inputs: its logits and its 4 stage outputs (autograd kept).
+
+        The prompts are switched on and the capture list opened here, in eager code; the pass itself is a compiled
+        region when the method compiles (the prompt blocks trace into the teacher's graph). With
+        ``pat_checkpoint_teacher`` it stays eager: block recomputation is hooks and an autograd Function.
+        """
+        # A batch of another size (an epoch's last, or the first after it) gets no feedback; decided here, so that a
+        # compiled pass sees the same two cases, feedback or none, whatever came before.
+        batch = pixel_values.shape[0]
+        self._pass_feedback = [f if f is not None and f.shape[0] == batch else None for f in feedback_maps]
+        self.teacher_taps.set_input_transforms(self._prompt_transforms)
         try:
-            with self.teacher_taps.capture() as features, recompute:
-                logits = teacher(pixel_values)
+            with self.teacher_taps.capture() as features:
+                if self.checkpoint_teacher:
+                    if self.teacher_recompute is None:
+                        self.teacher_recompute = BlockRecompute(self.teacher_taps.blocks)
+                    with self.teacher_recompute.active():
+                        logits = teacher(pixel_values)
+                else:
+                    logits = self.region(_prompted_teacher_region)(teacher, pixel_values)
         finally:
             self.teacher_taps.set_input_transforms(None)
+            self._pass_feedback = [None] * 4
         return logits, list(features)
 
     # ---- one training step -------------------------------------------------------------------------------
@@ -166,28 +187,24 @@ class PerspectiveAwareTeaching(DistillationMethod):
         # - with the teacher's blocks recomputed it comes first, so the backward frees the student's activations
         #   before it recomputes the teacher's blocks.
         with torch.no_grad():
-            plain_logits = teacher(teacher_pixels)
+            plain_logits = self.region(teacher_region)(teacher, teacher_pixels)
         if self.checkpoint_teacher:
             prompted = self.prompted_teacher_forward(teacher, teacher_pixels, self.feedback)
         logits, aligned = self._student_side(student, batch.pixel_values)
         if not self.checkpoint_teacher:
             prompted = self.prompted_teacher_forward(teacher, teacher_pixels, self.feedback)
         prompted_logits, teacher_features = prompted
-        targets = self._targets(teacher_features)
-        feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
-        kd = kl_div_loss(logits, plain_logits, self.temperature)
-        reg = kl_div_loss(prompted_logits, plain_logits, self.temperature)
-        loss = self.kd_weight * kd + self.feature_weight * feature + self.reg_weight * reg
-        parts = {"kd": kd.detach(), "hcl": feature.detach(), "reg": reg.detach()}
-        loss = self.add_cross_entropy(loss, parts, logits, batch.labels)
-        self.feedback = [(a - t).detach() for a, t in zip(aligned, targets)]
+        loss, parts, feedback = self.region(_pat_loss)(
+            self, logits, aligned, teacher_features, plain_logits, prompted_logits, batch.labels
+        )
+        self.feedback = feedback
         return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def _student_side(self, student: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's logits and its aligned features ``A_s`` (RAA, then the aligners)."""
         with self.student_taps.capture() as student_features:
-            logits = student_logits(student, pixel_values)
-        return logits, [aligner(r) for aligner, r in zip(self.aligners, self.raa(list(student_features)))]
+            logits = self.region(student_region)(student, pixel_values)
+        return logits, self.region(_align_student)(self, list(student_features))
 
     def _targets(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         return [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
@@ -277,3 +294,37 @@ class PerspectiveAwareTeaching(DistillationMethod):
 
     def extra_repr(self) -> str:
         return f"prompt_stages={self.prompt_stages}, feedback={self.use_feedback}, checkpoint_teacher={self.checkpoint_teacher}"
+
+
+# ---- regions (compiled when the method compiles; see pat_hf.compile) ------------------------------------------
+
+
+def _prompted_teacher_region(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits with the prompt transforms switched on (the taps' hooks call them): a region of its
+    own, apart from the plain pass's :func:`teacher_region`, so each keeps its own graphs."""
+    return teacher(pixel_values)
+
+
+def _align_student(method: PerspectiveAwareTeaching, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """RAA over the student's stage features, then the aligners: ``A_s`` in the teacher's stage shapes."""
+    return [aligner(r) for aligner, r in zip(method.aligners, method.raa(features))]
+
+
+def _pat_loss(
+    method: PerspectiveAwareTeaching,
+    logits: torch.Tensor,
+    aligned: list[torch.Tensor],
+    teacher_features: list[torch.Tensor],
+    plain_logits: torch.Tensor,
+    prompted_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """PAT's loss, its parts and the next step's feedback ``(A_s - F_t[s]).detach()``."""
+    targets = method._targets(teacher_features)
+    feature = sum(hcl_loss(a, t) for a, t in zip(aligned, targets))
+    kd = kl_div_loss(logits, plain_logits, method.temperature)
+    reg = kl_div_loss(prompted_logits, plain_logits, method.temperature)
+    loss = method.kd_weight * kd + method.feature_weight * feature + method.reg_weight * reg
+    parts = {"kd": kd, "hcl": feature, "reg": reg}
+    loss = method.add_cross_entropy(loss, parts, logits, labels)
+    return loss, parts, [(a - t).detach() for a, t in zip(aligned, targets)]
