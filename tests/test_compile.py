@@ -27,6 +27,9 @@ SMALL = {"pat_dim": 32, "pat_num_heads": 4}
 CONFIGS = {
     "none": {"distill_method": "none"},
     "kd": {"distill_method": "kd"},
+    "dkd": {"distill_method": "dkd", "dkd_warmup_epochs": 1},
+    "dist": {"distill_method": "dist"},
+    "fitnet": {"distill_method": "fitnet"},
     "ofa": {"distill_method": "ofa"},
     "pat": {"distill_method": "pat", **SMALL},
     "pat_checkpoint": {"distill_method": "pat", "pat_checkpoint_teacher": True, **SMALL},

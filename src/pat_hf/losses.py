@@ -184,23 +184,24 @@ def dkd_losses(
     if num_classes < 2:
         raise ValueError(f"DKD needs at least 2 classes, got {num_classes}")
     target = hard_targets(labels, num_classes).to(student_logits.device)
-    batch = student_logits.shape[0]
+    # Gathers and masks rather than boolean indexing: no data-dependent shapes, so torch.compile keeps one graph.
     mask = F.one_hot(target, num_classes).bool()
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.detach().float() / temperature
 
     def binary_and_other(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_p = F.log_softmax(z, dim=-1)
-        others = z[~mask].view(batch, num_classes - 1)
-        log_target = log_p[mask]
+        others = z.masked_fill(mask, float("-inf"))
+        log_target = F.log_softmax(z, dim=-1).gather(1, target[:, None]).squeeze(1)
         log_rest = torch.logsumexp(others, dim=-1) - torch.logsumexp(z, dim=-1)
-        return torch.stack([log_target, log_rest], dim=-1), F.log_softmax(others, dim=-1)
+        # The target's entry is -inf here; it is zeroed (value and gradient) before any product.
+        return torch.stack([log_target, log_rest], dim=-1), F.log_softmax(others, dim=-1).masked_fill(mask, 0.0)
 
     log_b_s, log_other_s = binary_and_other(z_s)
     log_b_t, log_other_t = binary_and_other(z_t)
     scale = temperature**2
     tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * scale
-    nckd = F.kl_div(log_other_s, log_other_t, reduction="batchmean", log_target=True) * scale
+    p_other_t = log_other_t.exp().masked_fill(mask, 0.0)
+    nckd = (p_other_t * (log_other_t - log_other_s)).sum(dim=-1).mean() * scale
     return tckd, nckd
 
 

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from ..losses import dist_losses
-from ..student import student_logits
 from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput
+from .base import DistillationBatch, DistillationMethod, DistillationOutput, student_region, teacher_region
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -59,9 +58,10 @@ class DISTDistillation(DistillationMethod):
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
         with torch.no_grad():
-            teacher_logits = teacher(teacher_pixels)
-        logits = student_logits(student, batch.pixel_values)
-        return self.compute_loss(logits, teacher_logits, batch.labels)
+            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
+        logits = self.region(student_region)(student, batch.pixel_values)
+        loss, parts = self.region(_dist_loss)(self, logits, teacher_logits, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def compute_loss(
         self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
@@ -80,3 +80,11 @@ class DISTDistillation(DistillationMethod):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "dist_beta": self.beta, "dist_gamma": self.gamma}
+
+
+def _dist_loss(
+    method: DISTDistillation, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``dist``'s loss and its parts: a region."""
+    out = method.compute_loss(logits, teacher_logits, labels)
+    return out.loss, out.parts

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..losses import dkd_losses
-from ..student import student_logits
 from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput
+from .base import DistillationBatch, DistillationMethod, DistillationOutput, student_region, teacher_region
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -86,9 +85,10 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
                 "the labelled class (use 'kd' or 'dist' for unlabelled data)."
             )
         with torch.no_grad():
-            teacher_logits = teacher(teacher_pixels)
-        logits = student_logits(student, batch.pixel_values)
-        return self.compute_loss(logits, teacher_logits, batch.labels)
+            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
+        logits = self.region(student_region)(student, batch.pixel_values)
+        loss, parts = self.region(_dkd_loss)(self, logits, teacher_logits, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def compute_loss(
         self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
@@ -121,3 +121,11 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs}, epoch={self.epoch:g}"
+
+
+def _dkd_loss(
+    method: DecoupledKnowledgeDistillation, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``dkd``'s loss and its parts: a region."""
+    out = method.compute_loss(logits, teacher_logits, labels)
+    return out.loss, out.parts

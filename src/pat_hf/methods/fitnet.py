@@ -29,10 +29,16 @@ from torch import nn
 
 from ..losses import hint_loss, kl_div_loss
 from ..preprocessing import ImageView
-from ..student import student_logits
 from ..taps import StageSpec, as_map, build_taps
 from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput, init_head_weights
+from .base import (
+    DistillationBatch,
+    DistillationMethod,
+    DistillationOutput,
+    init_head_weights,
+    student_region,
+    teacher_region,
+)
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -182,9 +188,9 @@ class FitNetDistillation(DistillationMethod):
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
         teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
         with torch.no_grad(), self.teacher_taps.capture() as teacher_features:
-            teacher_logits = teacher(teacher_pixels)
+            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
         with self.student_taps.capture() as student_features:
-            logits = student_logits(student, batch.pixel_values)
+            logits = self.region(student_region)(student, batch.pixel_values)
         for side, features in (("student", student_features), ("teacher", teacher_features)):
             if len(features) != 4 or any(f is None for f in features):
                 raise RuntimeError(
@@ -193,7 +199,8 @@ class FitNetDistillation(DistillationMethod):
                 )
         hints = {s: student_features[s - 1] for s, _ in self.pairs}
         targets = {t: teacher_features[t - 1] for _, t in self.pairs}
-        return self.compute_loss(logits, teacher_logits, hints, targets, batch.labels)
+        loss, parts = self.region(_fitnet_loss)(self, logits, teacher_logits, hints, targets, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def compute_loss(
         self,
@@ -244,3 +251,16 @@ class FitNetDistillation(DistillationMethod):
             "fitnet_teacher_stages": [t for _, t in self.pairs],
             "fitnet_weight": self.hint_weight,
         }
+
+
+def _fitnet_loss(
+    method: FitNetDistillation,
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_features: dict[int, torch.Tensor],
+    teacher_features: dict[int, torch.Tensor],
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``fitnet``'s loss and its parts (the connectors run here): a region."""
+    out = method.compute_loss(logits, teacher_logits, student_features, teacher_features, labels)
+    return out.loss, out.parts
