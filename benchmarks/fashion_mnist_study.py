@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.fashion_mnist import (
     METHODS,
     PAIRS,
+    STUDENT_TRAINING_RECIPES,
     TEACHER_EPOCHS,
     StudyConfig,
     config_from_dict,
@@ -56,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report from the JSON files")
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), help="pairs to run (default: all)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(STUDENT_TRAINING_RECIPES),
+        help="student training recipes (default: flips; 'strong' adds RandAugment, Mixup/CutMix and EMA on "
+        "ConvNeXt -> DeiT; sweep_* are the candidates it was chosen from on the validation split)",
+    )
     parser.add_argument("--teacher-epochs", type=int, help=f"default: {TEACHER_EPOCHS}")
     parser.add_argument("--student-epochs", type=int, help=f"default {StudyConfig.student_epochs}")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")

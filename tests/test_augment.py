@@ -177,3 +177,15 @@ def test_evaluation_is_timms_aspect_keeping_resize_and_centre_crop():
     view = ImageView(size=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3, crop_pct=1.0)
     out = build_image_transforms(view, None, train=False)(Image.fromarray(arr))["pixel_values"]
     assert out.shape == (3, 8, 8) and out[0].max() < 0.05 and out[2].min() > 0.95
+
+
+def test_increasing_posterize_works_with_the_installed_pillow():
+    """timm's 'inc1' RandAugment posterizes to 0 bits at full magnitude: the installed Pillow must accept it (the
+    requirement pins pillow<13), else the option check says so before training."""
+    from PIL import Image, ImageOps
+
+    from pat_hf.augment import _pillow_posterizes_to_zero_bits, check_augmentation_options
+
+    assert _pillow_posterizes_to_zero_bits()
+    assert ImageOps.posterize(Image.new("RGB", (2, 2), (200, 100, 50)), 0).getpixel((0, 0)) == (0, 0, 0)
+    check_augmentation_options(auto_augment="rand-m9-mstd0.5-inc1")

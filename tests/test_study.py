@@ -108,11 +108,24 @@ def test_plan_orders_teachers_then_students_and_ablations():
     plan = plan_runs(StudyConfig(seeds=[0, 1], ablations=True))
     ids = [spec.run_id for spec in plan]
     assert ids[:2] == ["teacher-vit", "teacher-convnext"]
-    assert len(ids) == 2 + 2 * 2 * 4 + 2 * 3 and len(set(ids)) == len(ids)
+    assert len(ids) == 2 + 2 * 2 * len(study.METHODS) + 2 * 3 and len(set(ids)) == len(ids)
     assert "vit_to_resnet-pat_no_prompts-s0" in ids and "vit_to_resnet-pat_no_prompts-s1" not in ids
     settings = study_runs._run_settings(StudyConfig(), plan[-1])
     assert settings["method"] == "pat" and settings["method_args"]["pat_reg_weight"] == 0.0
     assert settings["method_args"]["pat_dim"] == study.PAT_SETTINGS["pat_dim"]
+    # Every method of a pair trains with the same label smoothing; kd runs at T = 4 and T = 1.
+    every = [study_runs._run_settings(StudyConfig(), s) for s in plan if s.kind == "student"]
+    assert {s["method_args"]["label_smoothing"] for s in every} == {0.1}
+    assert {s["method_args"].get("temperature") for s in every if s["variant"].startswith("kd")} == {None, 1.0}
+    # The stronger recipe runs on ConvNeXt -> DeiT only, every method, and its runs say what they trained with.
+    strong = plan_runs(StudyConfig(seeds=[0], recipes=["flips", "strong"]))
+    names = {s.name for s in strong if s.kind == "student"}
+    assert names == {"vit_to_resnet", "convnext_to_deit", "convnext_to_deit@strong"}
+    strong_settings = study_runs._run_settings(StudyConfig(), strong[-1])
+    assert strong_settings["training_recipe"] == "strong" and strong_settings["recipe_args"]["model_ema"]
+    assert strong_settings["teacher"] == "convnext" and strong_settings["student"] == "deit"
+    # Without a method that needs one, no teacher is trained (the recipe sweep trains scratch students only).
+    assert [s.kind for s in plan_runs(StudyConfig(methods=["none"], seeds=[0]))] == ["student", "student"]
 
 
 def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -161,7 +174,7 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     for teacher in ("ViTForImageClassification", "ConvNextForImageClassification"):
         assert f"| teacher ({teacher}, 200 images, 1 epoch(s)) | none |" in text
     for pair in ("ViT → ResNet", "ConvNeXt → DeiT"):
-        for method in ("scratch", "kd", "ofa", "pat"):
+        for method in ("scratch", "kd (T = 4)", "kd (T = 1)", "dkd", "dist", "fitnet", "ofa", "pat"):
             assert f"| student, {pair}" in text and f"| {method} |" in text
     assert "Debug run" in text and "one seed each: no seed spread, no conclusion" in text
     assert "CPU:" in text and "--output-dir" in text
@@ -203,7 +216,7 @@ def test_report_calls_ties_by_the_seed_spread(tmp_path):
             record.update(test_top1=acc, val_top1=acc)
             (out / "runs" / f"{record['run_id']}.json").write_text(json.dumps(record))
     text = write_report(str(out), str(tmp_path / "r.md"), str(tmp_path / "r.png"))
-    assert "kd vs scratch: +1.00 points, smaller than the seed spread (2.00; n = 3 / 3 seeds): a tie." in text
+    assert "kd (T = 4) vs scratch: +1.00 points, smaller than the seed spread (2.00; n = 3 / 3 seeds): a tie." in text
     assert "pat vs scratch: +9.00 points (pat above), larger than the seed spread" in text
     assert "| 82.00 ± 2.00 |" in text
     assert "GPU: NVIDIA H100 80GB HBM3 (bf16 autocast)" in text and "--device cuda" in text

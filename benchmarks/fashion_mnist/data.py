@@ -110,3 +110,42 @@ class FashionTensors(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.indices[i])
         return {"image": self.images[j], "labels": int(self.labels[j]), "augment": self.augment}
+
+
+class AugmentingCollator:
+    """The study's "strong" recipe per image: timm's RandAugment (and the flip) on the 28 px image zero-padded to
+    32 px, through :func:`pat_hf.augment.build_train_augmentation` with the crop switched off (scale and ratio 1:
+    the whole image, as the flips recipe), then normalised; evaluation batches go through the tensor collator
+    unchanged. Mixup / CutMix and the EMA run in the trainer (``PATTrainingArguments``).
+
+    Args:
+        auto_augment: timm's policy string, e.g. ``"rand-m9-mstd0.5-inc1"``.
+        image_size: The padded side (32).
+        mean: Normalisation mean (one grey value).
+        std: Normalisation standard deviation.
+    """
+
+    def __init__(self, auto_augment: str, image_size: int, mean: float, std: float) -> None:
+        from pat_hf import ImageView
+        from pat_hf.augment import build_train_augmentation
+        from pat_hf.data import TensorBatchCollator
+
+        view = ImageView(size=(image_size, image_size), mean=(mean,) * 3, std=(std,) * 3)
+        self.transform = build_train_augmentation(
+            view, None, min_crop_scale=1.0, crop_ratio=(1.0, 1.0), hflip=0.5, auto_augment=auto_augment
+        )
+        self.plain = TensorBatchCollator(pad=0, mean=mean, std=std, image_size=image_size)
+        self.image_size = image_size
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples[0]["augment"]:
+            return self.plain(examples)
+        from PIL import Image
+
+        views = []
+        for example in examples:
+            image = example["image"].numpy()
+            border = (self.image_size - image.shape[0]) // 2
+            views.append(self.transform(Image.fromarray(np.pad(image, border)).convert("RGB"))["pixel_values"])
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        return {"pixel_values": torch.stack(views), "labels": labels}

@@ -14,6 +14,7 @@ import torch
 
 from .config import (
     ABLATIONS,
+    DKD_SETTINGS,
     IMAGE_SIZE,
     METHOD_VARIANTS,
     METHODS,
@@ -23,11 +24,15 @@ from .config import (
     STUDENT_CROP_PAD,
     STUDENT_LABEL_SMOOTHING,
     STUDENT_RECIPES,
+    STUDENT_TRAINING_RECIPES,
     TEACHER_BATCH_SIZE,
     TEACHER_CROP_PAD,
     TEACHER_EPOCHS,
     TEACHER_RECIPES,
     StudyConfig,
+    pair_and_recipe,
+    recipe_label,
+    recipe_pairs,
 )
 from .data import StudyData, load_study_data
 from .training import _teacher_dir, _train_student, _train_teacher
@@ -52,18 +57,24 @@ class RunSpec:
 def plan_runs(config: StudyConfig) -> list[RunSpec]:
     """The runs of the study in execution order: teachers first, then every pair x method x seed."""
     teachers = []
+    with_teacher = any({**METHOD_VARIANTS, **ABLATIONS}.get(m, (m,))[0] != "none" for m in config.methods)
     for pair in config.pairs:
         if pair not in PAIRS:
             raise ValueError(f"Unknown pair {pair!r}; the study has {list(PAIRS)}.")
-        if PAIRS[pair][0] not in teachers:
+        if (with_teacher or config.ablations) and PAIRS[pair][0] not in teachers:
             teachers.append(PAIRS[pair][0])
     runs = [RunSpec("teacher", t) for t in teachers]
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"Unknown method {method!r}; the study has {list(METHODS)}.")
-    for seed in config.seeds:
-        for pair in config.pairs:
-            runs += [RunSpec("student", pair, method, seed) for method in config.methods]
+    for recipe in config.recipes:
+        if recipe not in STUDENT_TRAINING_RECIPES:
+            raise ValueError(f"Unknown recipe {recipe!r}; the study has {list(STUDENT_TRAINING_RECIPES)}.")
+    for recipe in config.recipes:
+        names = [p if recipe == "flips" else f"{p}@{recipe}" for p in config.pairs if p in recipe_pairs(recipe)]
+        for seed in config.seeds:
+            for name in names:
+                runs += [RunSpec("student", name, method, seed) for method in config.methods]
     if config.ablations:
         runs += [RunSpec("student", pair, ablation, config.seeds[0]) for pair in config.pairs for ablation in ABLATIONS]
     return runs
@@ -142,11 +153,14 @@ def _run_settings(config: StudyConfig, spec: RunSpec) -> dict[str, Any]:
             "learning_rate": config.teacher_lr,
             "seed": 0,
         }
-    teacher, student = PAIRS[spec.name]
+    pair, recipe = pair_and_recipe(spec.name)
+    teacher, student = PAIRS[pair]
     base_method, overrides = {**METHOD_VARIANTS, **ABLATIONS}.get(spec.method, (spec.method, {}))
     method_args: dict[str, Any] = {"label_smoothing": STUDENT_LABEL_SMOOTHING}
     if base_method == "pat":
         method_args.update(PAT_SETTINGS)
+    if base_method == "dkd":
+        method_args.update(DKD_SETTINGS)
     if base_method == "ofa":
         method_args["ofa_weight"] = OFA_WEIGHTS[student]
     method_args.update(overrides)
@@ -162,7 +176,9 @@ def _run_settings(config: StudyConfig, spec: RunSpec) -> dict[str, Any]:
         "variant": spec.method,
         "method_args": method_args,
         "epochs": config.student_epochs,
-        "augmentation": _augmentation(STUDENT_CROP_PAD),
+        "augmentation": _augmentation(STUDENT_CROP_PAD) if recipe == "flips" else recipe_label(recipe),
+        "training_recipe": recipe,
+        "recipe_args": STUDENT_TRAINING_RECIPES[recipe],
         "batch_size": config.student_batch_size,
         "learning_rate": config.student_lr,
         "subset_size": config.subset_size,

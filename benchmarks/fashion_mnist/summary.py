@@ -8,7 +8,7 @@ import statistics
 import time
 from typing import Any
 
-from .config import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, PAIRS
+from .config import ABLATION_LABELS, ABLATIONS, METHOD_LABELS, PAIRS, pair_and_recipe, recipe_label
 
 
 def load_runs(output_dir: str) -> list[dict[str, Any]]:
@@ -94,9 +94,16 @@ def _variant_label(variant: str) -> str:
 
 
 def _pair_label(pair: str) -> str:
-    teacher, student = PAIRS.get(pair, (pair, "?"))
+    base, recipe = pair_and_recipe(pair)
+    teacher, student = PAIRS.get(base, (base, "?"))
     names = {"vit": "ViT", "convnext": "ConvNeXt", "resnet": "ResNet (timm resnet10t)", "deit": "DeiT (timm)"}
-    return f"{names.get(teacher, teacher)} → {names.get(student, student)}"
+    label = f"{names.get(teacher, teacher)} → {names.get(student, student)}"
+    return label if recipe == "flips" else f"{label}, {recipe_label(recipe)}"
+
+
+def pair_teacher(pair: str) -> str:
+    """The teacher of a student run's pair (``pair`` or ``pair@recipe``)."""
+    return PAIRS.get(pair_and_recipe(pair)[0], ("",))[0]
 
 
 def _hardware_line(records: list[dict[str, Any]]) -> str:
@@ -125,6 +132,9 @@ def _command(records: list[dict[str, Any]], output_dir: str) -> str:
         parts.append("--seeds " + " ".join(str(s) for s in seeds))
     if ablations:
         parts.append("--ablations")
+    recipes = sorted({pair_and_recipe(r["name"])[1] for r in records if r["kind"] == "student"} - {"flips"})
+    if recipes:
+        parts.append("--recipes flips " + " ".join(recipes))
     if devices == {"cuda"}:
         parts.append("--device cuda")
     default_dir = "outputs/study-quick" if "quick" in modes else "outputs/study"
@@ -150,7 +160,12 @@ def _pair_seconds(records: list[dict[str, Any]]) -> dict[str, float]:
     however the runs were actually scheduled (resumed studies span several sittings)."""
     seconds: dict[str, float] = {}
     for pair, (teacher, _) in PAIRS.items():
-        runs = [r for r in records if (r["kind"], r["name"]) in (("teacher", teacher), ("student", pair))]
+        runs = [
+            r
+            for r in records
+            if (r["kind"], r["name"]) == ("teacher", teacher)
+            or (r["kind"] == "student" and pair_and_recipe(r["name"])[0] == pair)
+        ]
         if any(r["kind"] == "student" for r in runs):
             seconds[pair] = sum(r["wall_seconds"] for r in runs)
     return seconds

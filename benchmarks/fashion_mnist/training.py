@@ -20,11 +20,13 @@ from .config import (
     PAIRS,
     STUDENT_CROP_PAD,
     STUDENT_RECIPES,
+    STUDENT_TRAINING_RECIPES,
     TEACHER_CROP_PAD,
     TEACHER_RECIPES,
     StudyConfig,
+    pair_and_recipe,
 )
-from .data import FashionTensors, StudyData
+from .data import AugmentingCollator, FashionTensors, StudyData
 
 if TYPE_CHECKING:
     from .runs import RunSpec
@@ -161,9 +163,19 @@ def top1_metrics(eval_pred: Any) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
-def _evaluate(trainer: Any, dataset: FashionTensors) -> float:
+def _evaluate(trainer: Any, dataset: FashionTensors) -> tuple[float, float | None]:
+    """Top-1 of the student's weights and, with a model EMA, of the EMA's."""
     metrics = trainer.evaluate(dataset, metric_key_prefix="test")
-    return float(metrics["test_accuracy"])
+    ema = metrics.get("test_ema_accuracy")
+    return float(metrics["test_accuracy"]), None if ema is None else float(ema)
+
+
+def student_collator(recipe: str) -> Any:
+    """The students' batch maker of a training recipe (``STUDENT_TRAINING_RECIPES``)."""
+    auto_augment = STUDENT_TRAINING_RECIPES[recipe].get("auto_augment")
+    if auto_augment:
+        return AugmentingCollator(auto_augment, IMAGE_SIZE, FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0])
+    return TensorBatchCollator(pad=STUDENT_CROP_PAD, image_size=IMAGE_SIZE)
 
 
 def _teacher_dir(config: StudyConfig, name: str) -> str:
@@ -227,18 +239,23 @@ def _train_teacher(config: StudyConfig, spec: RunSpec, data: StudyData, settings
 
 
 def _score(config: StudyConfig, trainer: Any, data: StudyData) -> dict[str, Any]:
+    """Validation and test top-1. With a model EMA the EMA's weights are the run's result (``val_top1`` /
+    ``test_top1``: what the export holds), the raw student's are kept beside them (``*_raw``)."""
     val_idx = _limit(data.val, config.max_eval_images)
     test_idx = _limit(np.arange(len(data.test_labels)), config.max_eval_images)
     start = time.time()
-    val = _evaluate(trainer, FashionTensors(data.train_images, data.train_labels, val_idx))
-    test = _evaluate(trainer, FashionTensors(data.test_images, data.test_labels, test_idx))
-    return {
-        "val_top1": val,
-        "test_top1": test,
+    val, val_ema = _evaluate(trainer, FashionTensors(data.train_images, data.train_labels, val_idx))
+    test, test_ema = _evaluate(trainer, FashionTensors(data.test_images, data.test_labels, test_idx))
+    result = {
+        "val_top1": val if val_ema is None else val_ema,
+        "test_top1": test if test_ema is None else test_ema,
         "val_images": len(val_idx),
         "test_images": len(test_idx),
         "eval_seconds": time.time() - start,
     }
+    if val_ema is not None:
+        result.update(val_top1_raw=val, test_top1_raw=test, scored_weights="ema")
+    return result
 
 
 def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +263,8 @@ def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings
 
     from pat_hf.trainer import PATDistillationTrainer
 
-    teacher_name, student_name = PAIRS[spec.name]
+    pair, recipe = pair_and_recipe(spec.name)
+    teacher_name, student_name = PAIRS[pair]
     method = settings["method"]
     teacher = processor = None
     if method != "none":
@@ -267,12 +285,13 @@ def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings
         seed=spec.seed,
         distill_method=method,
         **settings["method_args"],
+        **{k: v for k, v in settings["recipe_args"].items() if k != "auto_augment"},
     )
     trainer = PATDistillationTrainer(
         model=student,
         teacher=teacher,
         args=args,
-        data_collator=TensorBatchCollator(pad=STUDENT_CROP_PAD, image_size=IMAGE_SIZE),
+        data_collator=student_collator(recipe),
         train_dataset=FashionTensors(data.train_images, data.train_labels, train_idx, augment=True),
         compute_metrics=top1_metrics,
         class_names=FASHION_MNIST_CLASSES,
@@ -281,13 +300,13 @@ def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings
         dataset_name="fashion_mnist",
     )
     heads = count_params(trainer.method)
-    teacher_view_top1 = _teacher_top1_on_training_view(teacher, data, train_idx, spec.seed) if teacher else None
+    teacher_view_top1 = _teacher_top1_on_training_view(teacher, data, train_idx, spec.seed, recipe) if teacher else None
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start
     result = _score(config, trainer, data)
     curve = _loss_curve(trainer.state.log_history)
-    effect = _prompt_effect(config, trainer, student, data, train_idx, spec.seed) if method == "pat" else None
+    effect = _prompt_effect(config, trainer, student, data, train_idx, spec.seed, recipe) if method == "pat" else None
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         **result,
@@ -309,7 +328,13 @@ PROMPT_EFFECT_BATCHES = 8
 
 
 def _prompt_effect(
-    config: StudyConfig, trainer: Any, student: torch.nn.Module, data: StudyData, indices: np.ndarray, seed: int
+    config: StudyConfig,
+    trainer: Any,
+    student: torch.nn.Module,
+    data: StudyData,
+    indices: np.ndarray,
+    seed: int,
+    recipe: str = "flips",
 ) -> dict[str, Any] | None:
     """What the trained prompts do to the teacher on the student's training view (batches of the training
     batch size, each seeing the previous one's feedback): are the teacher features the prompts produce
@@ -318,7 +343,7 @@ def _prompt_effect(
 
     size = config.student_batch_size
     # Full batches only: a smaller one would get no feedback (as in training).
-    views = _training_view_batches(data, indices[: PROMPT_EFFECT_BATCHES * size], seed, size)
+    views = _training_view_batches(data, indices[: PROMPT_EFFECT_BATCHES * size], seed, size, recipe)
     device = next(student.parameters()).device
     batches = []
     for view in views:
@@ -333,24 +358,31 @@ def _prompt_effect(
 
 
 @torch.no_grad()
-def _teacher_top1_on_training_view(teacher: torch.nn.Module, data: StudyData, indices: np.ndarray, seed: int) -> float:
-    """The teacher's top-1 on the student's training images as the student sees them (one augmented draw): a
-    teacher that is wrong on these views distils its mistakes, whatever the method."""
+def _teacher_top1_on_training_view(
+    teacher: torch.nn.Module, data: StudyData, indices: np.ndarray, seed: int, recipe: str = "flips"
+) -> float:
+    """The teacher's top-1 on the student's training images as the student sees them (one augmented draw, before
+    any mixing): a teacher that is wrong on these views distils its mistakes, whatever the method."""
     device = next(teacher.parameters()).device
     correct = 0
     teacher.eval()
-    for batch in _training_view_batches(data, indices, seed, 512):
+    for batch in _training_view_batches(data, indices, seed, 512, recipe):
         logits = teacher(pixel_values=batch["pixel_values"].to(device)).logits
         correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
     return correct / max(len(indices), 1)
 
 
-def _training_view_batches(data: StudyData, indices: np.ndarray, seed: int, size: int) -> list[dict[str, Any]]:
+def _training_view_batches(
+    data: StudyData, indices: np.ndarray, seed: int, size: int, recipe: str = "flips"
+) -> list[dict[str, Any]]:
     """The images at ``indices`` as the students see them in training (one augmented draw, seeded), in batches
-    of ``size``; the global RNG is restored, so a run draws the same numbers as without these checks."""
-    generator_state = torch.get_rng_state()
+    of ``size``; the global RNGs are restored, so a run draws the same numbers as without these checks."""
+    import random
+
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     torch.manual_seed(seed)
-    collator = TensorBatchCollator(pad=STUDENT_CROP_PAD, image_size=IMAGE_SIZE)
+    random.seed(seed)
+    collator = student_collator(recipe)
     dataset = FashionTensors(data.train_images, data.train_labels, indices, augment=True)
     try:
         return [
@@ -358,4 +390,6 @@ def _training_view_batches(data: StudyData, indices: np.ndarray, seed: int, size
             for start in range(0, len(dataset), size)
         ]
     finally:
-        torch.set_rng_state(generator_state)
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])

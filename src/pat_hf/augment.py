@@ -19,6 +19,7 @@ the student's view is the teacher's, downsampled.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,6 +63,14 @@ def check_augmentation_options(
         raise ValueError(
             f"auto_augment {auto_augment!r} is not a timm policy string: RandAugment 'rand-m9-mstd0.5-inc1', "
             "AugMix 'augmix-m5-w4-d2', AutoAugment 'v0' / 'original', or '3a'."
+        )
+    if auto_augment and "-inc1" in auto_augment and not _pillow_posterizes_to_zero_bits():
+        import PIL
+
+        raise ValueError(
+            f"auto_augment {auto_augment!r}: timm's increasing posterize keeps 0 bits at full magnitude, which Pillow "
+            f"{PIL.__version__} refuses ('bits must be between or equal to 1 and 8') mid-training. Install "
+            "'pillow<13' (pat_hf's requirement), or drop '-inc1' from the policy."
         )
     if color_jitter is not None:
         values = [color_jitter] if isinstance(color_jitter, (int, float)) else list(color_jitter)
@@ -164,3 +173,15 @@ def build_train_augmentation(
 
     transform.timm_transforms = (primary, secondary, final)  # for inspection (tests, debugging)
     return transform
+
+
+@functools.cache
+def _pillow_posterizes_to_zero_bits() -> bool:
+    """Whether this Pillow accepts ``ImageOps.posterize(image, 0)`` (Pillow 13 raises)."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+    except ValueError:
+        return False
+    return True

@@ -298,7 +298,7 @@ class CheckpointMixin:
             )
             if mismatched:
                 version = self._read_manifest(resume_from_checkpoint).get("pat_hf_version", "unknown")
-                raise ValueError(
+                raise CheckpointError(
                     f"{state_path} does not fit the {wrapper.method.name!r} heads of this pat_hf ({__version__}); it was "
                     f"written by pat_hf {version} (first differing tensors: {mismatched[:4]}). pat_hf 0.2 made PAT's "
                     "aligners identical to the official modules (no 1x1-conv biases, the token aligner's norms over the "
@@ -310,7 +310,9 @@ class CheckpointMixin:
         if (ema := find_model_ema(self)) is not None:
             ema_path = os.path.join(resume_from_checkpoint, EMA_WEIGHTS_NAME)
             if not os.path.isfile(ema_path):
-                raise ValueError(f"{resume_from_checkpoint!r} lacks {EMA_WEIGHTS_NAME}, the model EMA this run keeps.")
+                raise CheckpointError(
+                    f"{resume_from_checkpoint!r} lacks {EMA_WEIGHTS_NAME}, the model EMA this run keeps."
+                )
             from safetensors.torch import load_file
 
             ema.attach(wrapper.student)
