@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_ds, student_view, teacher_view, train=True, **augmentation_options(data_args), **common
         )
     if eval_ds is not None:
-        eval_ds = with_image_transforms(eval_ds, student_view, None, train=False, **common)
+        # The teacher's own view for eval_loss_kd: its resize and centre crop of each image.
+        eval_teacher_view = teacher_view if training_args.eval_teacher_losses else None
+        eval_ds = with_image_transforms(eval_ds, student_view, eval_teacher_view, train=False, **common)
 
     # Initialize the trainer
     trainer = PATDistillationTrainer(

@@ -67,7 +67,9 @@ def test_views_have_their_own_sizes():
     assert out["pixel_values"].shape == (3, 12, 12)
     assert out["teacher_pixel_values"].shape == (3, 20, 20)
     evaluation = build_image_transforms(student, teacher, train=False)(Image.new("RGB", (30, 30)))
-    assert set(evaluation) == {"pixel_values"}  # evaluation runs the student alone
+    # Evaluation: each model's own resize and centre crop (the teacher's only for eval_loss_kd, when given).
+    assert evaluation["pixel_values"].shape == (3, 12, 12) and evaluation["teacher_pixel_values"].shape == (3, 20, 20)
+    assert set(build_image_transforms(student, None, train=False)(Image.new("RGB", (30, 30)))) == {"pixel_values"}
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
@@ -108,3 +110,39 @@ def test_teacher_view_derived_by_resizing_is_flagged_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
         model(x, labels=y, teacher_pixel_values=torch.randn(2, 3, 16, 16))
     assert not caplog.records
+
+
+def test_evaluation_batches_carry_the_teachers_own_view(tmp_path, caplog):
+    """With a teacher view, evaluation gives the teacher its own resize and centre crop of the image (no
+    conversion from the student's crop, no warning), and eval_loss_kd is computed on it."""
+    import logging
+
+    from timm.data import create_transform
+
+    from pat_hf import PATDistillationTrainer
+    from support.tiny import tiny_args, tiny_teacher
+
+    dataset = make_image_dataset(n=6, size=24)
+    student = create_student("test_resnet", num_classes=3, img_size=20)
+    student_view = ImageView.from_timm(student)
+    teacher_view = ImageView(size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=0.875)
+    evaluation = with_image_transforms(dataset, student_view, teacher_view, train=False)
+    item = evaluation[0]
+    assert tuple(item["pixel_values"].shape) == (3, 20, 20) and tuple(item["teacher_pixel_values"].shape) == (3, 16, 16)
+    expected = create_transform(
+        input_size=(3, 16, 16), is_training=False, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3,
+        crop_pct=0.875,
+    )(dataset[0]["image"].convert("RGB"))  # fmt: skip
+    torch.testing.assert_close(item["teacher_pixel_values"], expected)
+
+    trainer = PATDistillationTrainer(
+        model=student,
+        teacher=tiny_teacher("vit"),
+        args=tiny_args(tmp_path, distill_method="kd"),
+        train_dataset=with_image_transforms(dataset, student_view, teacher_view, train=True),
+        eval_dataset=evaluation,
+    )
+    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+        metrics = trainer.evaluate()
+    assert "eval_loss_kd" in metrics
+    assert not [r for r in caplog.records if "teacher_pixel_values" in r.getMessage()]

@@ -186,9 +186,15 @@ def prepared_info(dataset: Any) -> dict[str, Any] | None:
 def prepared_views(train_dataset: Any, eval_dataset: Any = None) -> dict[str, ImageView | None]:
     """The views the data was prepared with: ``student`` and ``teacher`` (training data), ``eval_student``."""
     train, evaluation = prepared_info(train_dataset) or {}, prepared_info(eval_dataset) or {}
+    teacher, eval_teacher = train.get("teacher_view"), evaluation.get("teacher_view")
+    if teacher is not None and eval_teacher is not None and not teacher.agrees_with(eval_teacher):
+        raise ValueError(
+            f"The training data was prepared for the teacher with {teacher.describe()} but the evaluation data with "
+            f"{eval_teacher.describe()}: one run must use one teacher view. Build both with the same ImageView."
+        )
     return {
         "student": train.get("student_view"),
-        "teacher": train.get("teacher_view"),
+        "teacher": teacher if teacher is not None else eval_teacher,
         "eval_student": evaluation.get("student_view"),
     }
 
@@ -257,7 +263,8 @@ def with_image_transforms(
     Args:
         dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
         student_view: The student's view (``trainer``-independent: see :meth:`ImageView.from_timm`).
-        teacher_view: The teacher's view (training only); None without a teacher.
+        teacher_view: The teacher's view; None without a teacher. In evaluation it adds the teacher's own view
+            of each image (``teacher_pixel_values``, for ``eval_loss_kd``).
         train: Augment (training) or resize + centre-crop (evaluation).
         image_column: Name of the image column.
         label_column: Name of the label column (None for unlabelled data).
@@ -301,7 +308,7 @@ def with_image_transforms(
         dataset, decoder = raw, feature
     info: dict[str, Any] = {
         "student_view": student_view,
-        "teacher_view": teacher_view if train else None,
+        "teacher_view": teacher_view,
         "train": train,
         "image_column": image_column,
         "label_column": label_column,

@@ -262,14 +262,15 @@ def build_image_transforms(
     Training: timm's ``create_transform`` augmentation (random-resized crop, flip, RandAugment, colour jitter,
     random erasing), every random draw made once at the larger of the two input sizes, then each model's own
     resize and normalisation (see :mod:`pat_hf.augment`, which says exactly what each model sees). Evaluation:
-    timm's evaluation transform for the student (shorter side to ``size / crop_pct``, centre crop), since
-    evaluation runs the student alone.
+    timm's evaluation transform (shorter side to ``size / crop_pct``, centre crop) for the student, and with a
+    teacher view for the teacher too (its own resize and crop of the image, for ``eval_loss_kd``).
 
     Grey-scale, palette and RGBA images are converted to RGB.
 
     Args:
         student_view: The student's view.
-        teacher_view: The teacher's view; None for methods without a teacher.
+        teacher_view: The teacher's view; None for methods without a teacher (or, in evaluation, without
+            ``eval_teacher_losses``).
         train: Whether to build the training (augmenting) transform.
         min_crop_scale: Lower bound of the random-resized-crop area fraction.
         hflip: Probability of a horizontal flip during training (True = 0.5, False = 0).
@@ -303,18 +304,28 @@ def build_image_transforms(
         )
     from timm.data import create_transform
 
-    # timm's evaluation transform (as the official code's validation and the model card's snippet): the shorter
-    # side resized to size / crop_pct (aspect ratio kept), then the centre crop, the student's normalisation.
-    evaluation = create_transform(
-        input_size=(3, *student_view.size),
-        is_training=False,
-        interpolation=student_view.interpolation,
-        mean=tuple(student_view.mean),
-        std=tuple(student_view.std),
-        crop_pct=student_view.crop_pct,
-    )
+    def evaluation(view: ImageView) -> Callable:
+        # timm's evaluation transform (as the official code's validation and the model card's snippet): the
+        # shorter side resized to size / crop_pct (aspect ratio kept), then the centre crop, the view's statistics.
+        return create_transform(
+            input_size=(3, *view.size),
+            is_training=False,
+            interpolation=view.interpolation,
+            mean=tuple(view.mean),
+            std=tuple(view.std),
+            crop_pct=view.crop_pct,
+        )
+
+    student_eval = evaluation(student_view)
+    # With a teacher view, evaluation batches carry the teacher's own view of each image (for eval_loss_kd):
+    # its resize and centre crop from the original image, not a resize of the student's crop.
+    teacher_eval = evaluation(teacher_view) if teacher_view is not None else None
 
     def transform(image: Any) -> dict[str, torch.Tensor]:
-        return {"pixel_values": evaluation(image.convert("RGB"))}
+        image = image.convert("RGB")
+        out = {"pixel_values": student_eval(image)}
+        if teacher_eval is not None:
+            out["teacher_pixel_values"] = teacher_eval(image)
+        return out
 
     return transform
