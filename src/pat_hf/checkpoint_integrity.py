@@ -26,6 +26,7 @@ __all__ = [
     "checkpoint_step",
     "file_problem",
     "list_checkpoints",
+    "manifest_differences",
     "save_failure",
     "verify_checkpoint",
     "write_file_list",
@@ -210,3 +211,30 @@ def save_failure(err: BaseException, folder: str, what: str, intact: str) -> Exc
         f"Writing {what} to {folder} failed ({type(err).__name__}: {err}). The incomplete files were removed and "
         f"{intact}.",
     )
+
+
+def manifest_differences(saved: dict[str, Any], current: dict[str, Any], saved_name: str = "checkpoint") -> list[str]:
+    """The differences between a saved run description and the current one, one line each.
+
+    Keys an older pat_hf did not record (a 0.1 manifest has no student model_args or pretrained_cfg, an older
+    method no new setting; 0.1 left integer labels unnamed) are not compared; the teacher is compared by
+    architecture, weights and revision.
+    """
+    diffs = []
+    for key in ("method", "teacher", "student", "class_names"):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = ("architecture", "fingerprint", "revision") if key == "teacher" else sorted(a.keys() & b.keys())
+            for sub in keys:
+                x, y = a.get(sub), b.get(sub)
+                if isinstance(x, dict) and isinstance(y, dict):
+                    for leaf in sorted(x.keys() | y.keys()):
+                        if x.get(leaf) != y.get(leaf):
+                            diffs.append(f"{key}.{sub}.{leaf}: {saved_name} {x.get(leaf)} vs now {y.get(leaf)}")
+                elif x != y:
+                    diffs.append(f"{key}.{sub}: {saved_name} {x} vs now {y}")
+        elif key == "class_names" and a is None and str(saved.get("pat_hf_version", "")).startswith("0.1"):
+            continue  # 0.1 left integer labels unnamed; pat_hf now names them after the teacher's classes
+        elif a != b:
+            diffs.append(f"{key}: {saved_name} {a} vs now {b}")
+    return diffs
