@@ -112,7 +112,7 @@ STUDENT_TRAINING_RECIPES: dict[str, dict[str, Any]] = {
     # RandAugment on the padded 32-px image (and the flip), then Mixup / CutMix of the batch (timm's, the same mix
     # for the teacher's view: one view here) with label smoothing 0.1 in the soft targets, and a model EMA of the
     # student whose weights are scored (they are what the export holds). Chosen on the validation split with the
-    # scratch student (benchmarks/fashion_mnist_study.py --select-strong), never on the test set.
+    # scratch student among RECIPE_CANDIDATES (RECIPE_SELECTION), never on the test set.
     "strong": {
         "auto_augment": "rand-m5-n1-mstd0.5-inc1",
         "mixup_alpha": 0.2,
@@ -120,6 +120,7 @@ STUDENT_TRAINING_RECIPES: dict[str, dict[str, Any]] = {
         "model_ema": True,
         "model_ema_decay": 0.99,
     },
+}
 # Candidates for "strong", compared on the validation split with the scratch student, seed 0
 # (python benchmarks/fashion_mnist_study.py --pairs convnext_to_deit --methods none --seeds 0 --recipes sweep_...
 # --output-dir outputs/recipe-sweep): RandAugment magnitude, Mixup/CutMix strength, EMA decay (10 epochs of 40
