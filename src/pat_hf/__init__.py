@@ -13,7 +13,7 @@ from .version import __version__  # noqa: I001  (first: every module below may r
 from .configuration import PATTrainingArguments
 from .data import load_fashion_mnist, with_image_transforms
 from .ema import ModelEmaCallback
-from .errors import HubPushError, NonFiniteLossError
+from .errors import CheckpointSaveError, DivergedLossError, HubPushError, NonFiniteLossError, RunLockedError
 from .export import export_student, load_student_weights
 from .methods import DistillationMethod, available_methods, get_method, register_method
 from .metrics import build_compute_metrics
@@ -25,7 +25,9 @@ from .teacher import Teacher, load_teacher
 from .trainer import PATDistillationTrainer
 
 __all__ = [
+    "CheckpointSaveError",
     "DistillationMethod",
+    "DivergedLossError",
     "HubPushError",
     "ImageView",
     "ModelEmaCallback",
@@ -33,6 +35,7 @@ __all__ = [
     "PATDistillationTrainer",
     "PATTrainingArguments",
     "PairedMixup",
+    "RunLockedError",
     "Teacher",
     "__version__",
     "available_methods",

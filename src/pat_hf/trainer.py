@@ -4,7 +4,7 @@ This file keeps the training loop's own concerns: the loss and the logging of it
 evaluation loop and the buffer sync. Construction is :func:`pat_hf.modeling.build_distillation_model`;
 checkpoints (every override of a private Trainer method) are :class:`pat_hf.checkpointing.CheckpointMixin`;
 the model card and Hub push are :class:`pat_hf.hub_push.HubPushMixin`; Mixup / CutMix, model EMA and timm schedules
-are :class:`pat_hf.recipe_mixin.RecipeMixin`.
+are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :class:`pat_hf.compile.CompileMixin`.
 """
 
 from __future__ import annotations
