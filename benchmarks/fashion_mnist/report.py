@@ -1,4 +1,6 @@
-"""The study's report: ``docs/results.md`` and its chart ``docs/results.png``, from the run JSON files alone."""
+"""The study's report: ``docs/results.md``, its chart ``docs/results.png`` and ``docs/results.json`` (the figures
+the README's table is rendered from), from the run JSON files, plus the rows of an earlier ``results.json`` that no
+run file covers (the 0.2 study's per-run files were not kept: its rows are carried, marked, never recomputed)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import statistics
 from typing import Any
 
+from .. import readme_figures
 from .config import (
     ABLATIONS,
     DKD_SETTINGS,
@@ -41,13 +44,100 @@ from .summary import (
 logger = logging.getLogger(__name__)
 
 
-def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure_path: str = "docs/results.png") -> str:
-    """Generates the results page and its bar chart from the run JSON files under ``output_dir``.
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def carried_rows(json_path: str, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rows of an earlier ``results.json`` that no run file covers, in the summary's row format."""
+    if not os.path.isfile(json_path):
+        return {}
+    with open(json_path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    carried = {}
+    for row in earlier.get("rows", []):
+        key = (row["pair"], row["variant"])
+        if key in rows or not row.get("source", "").startswith("carried"):
+            continue
+        carried[key] = {**row, "runs": [], "non_finite": False, "carried": row["source"].removeprefix("carried: ")}
+    return carried
+
+
+def write_results_json(
+    path: str,
+    teachers: dict[str, dict[str, Any]],
+    rows: dict[tuple[str, str], dict[str, Any]],
+    pairs: list[str],
+    variants: list[str],
+) -> None:
+    """The page's figures as JSON, in the page's order: what the README's study table is rendered from."""
+    payload = {
+        "generated_by": "benchmarks/fashion_mnist_study.py (benchmarks/fashion_mnist/report.py)",
+        "teachers": {
+            name: {
+                "architecture": TEACHER_RECIPES.get(name, {}).get("architecture", name),
+                "train_images": t["train_images"],
+                "epochs": t["settings"]["epochs"],
+                "test_top1": t["test_top1"],
+                "val_top1": t["val_top1"],
+                "params": t["params"],
+                "train_seconds": t["train_seconds"],
+            }
+            for name, t in teachers.items()
+        },
+        "rows": [],
+    }
+    for pair in pairs:
+        for variant in variants:
+            row = rows.get((pair, variant))
+            if row is None:
+                continue
+            r0 = row["runs"][0] if row["runs"] else row
+            payload["rows"].append(
+                {
+                    "pair": pair,
+                    "variant": variant,
+                    "train_images": r0["train_images"],
+                    "test_mean": row["test_mean"],
+                    "test_std": row["test_std"],
+                    "val_mean": row["val_mean"],
+                    "val_std": row["val_std"],
+                    "n": row["n"],
+                    "seeds": row["seeds"],
+                    "params": r0["params"],
+                    "train_seconds": row["train_seconds"],
+                    "source": f"carried: {row['carried']}"
+                    if row.get("carried")
+                    else "runs: " + ", ".join(r["run_id"] for r in row["runs"]),
+                }
+            )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_rounded(payload), f, indent=1)
+        f.write("\n")
+
+
+def write_report(
+    output_dir: str,
+    markdown_path: str = "docs/results.md",
+    figure_path: str = "docs/results.png",
+    json_path: str | None = None,
+) -> str:
+    """Generates the results page, its bar chart and its JSON from the run JSON files under ``output_dir``.
 
     Args:
         output_dir: The study's output folder.
         markdown_path: Where the Markdown page goes.
         figure_path: Where the PNG chart goes (linked from the page by its path relative to the page).
+        json_path: Where the figures go as JSON (default: beside the page, ``results.json``). Rows of the file
+            already there that no run file covers are carried into the page and the file, marked. When it is the
+            repository's ``docs/results.json``, the README's study table is regenerated from it too.
 
     Returns:
         The Markdown text.
@@ -60,6 +150,9 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         raise FileNotFoundError(f"No run JSON under {os.path.join(output_dir, 'runs')}; run the study first.")
     summary = summarise(records)
     teachers, rows = summary["teachers"], summary["rows"]
+    json_path = json_path or os.path.splitext(markdown_path)[0] + ".json"
+    carried = carried_rows(json_path, rows)
+    rows.update(carried)
     modes = sorted({r["settings"]["mode"] for r in records})
     quick = "quick" in modes
     debug = any(r["settings"].get("max_steps", -1) > 0 or r["settings"].get("max_train_images") for r in records)
@@ -153,7 +246,8 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         )
     method_settings = {}
     for (pair, variant), row in rows.items():
-        method_settings.setdefault(variant, {})[pair] = row["runs"][0].get("method_settings", {})
+        if row["runs"]:
+            method_settings.setdefault(variant, {})[pair] = row["runs"][0].get("method_settings", {})
     lines.append("- Method settings (as recorded by the runs):")
     for variant in variants:
         for pair, ms in method_settings.get(variant, {}).items():
@@ -196,13 +290,14 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
             row = rows.get((pair, variant))
             if row is None:
                 continue
-            r0 = row["runs"][0]
+            r0 = row["runs"][0] if row["runs"] else row
             flag = " ⚠ non-finite loss" if row["non_finite"] else ""
+            mark = " ‡" if row.get("carried") else ""
             lines.append(
                 f"| student, {_pair_label(pair)} ({r0['train_images']:,} images) | {_variant_label(variant)}{flag} | "
                 f"{_fmt_acc(row['test_mean'], row['test_std'], row['n'])} | "
                 f"{_fmt_acc(row['val_mean'], row['val_std'], row['n'])} | {row['n']} | "
-                f"{','.join(str(s) for s in row['seeds'])} | {r0['params'] / 1e6:.2f}M | "
+                f"{','.join(str(s) for s in row['seeds'])}{mark} | {r0['params'] / 1e6:.2f}M | "
                 f"{row['train_seconds']:.0f} s |"
             )
     lines += [
@@ -211,6 +306,18 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
         "initialisation and the data order; the subset is the same for all runs). Train time: wall-clock seconds "
         "of `trainer.train()`, mean over seeds.",
         "",
+        *(
+            [
+                "‡ Carried from an earlier run of this study whose per-run JSON files were not kept: "
+                + "; ".join(sorted({row["carried"] for row in carried.values()}))
+                + ". Those rows come from its report and are not recomputed; their details (settings, loss "
+                "curves, per-run times) are on that page. The same teachers (same recipe, seed and code, "
+                "retrained here: see the teacher rows) and subset.",
+                "",
+            ]
+            if carried
+            else []
+        ),
         f"![test top-1 per pair and method]({os.path.relpath(figure_path, os.path.dirname(markdown_path) or '.')})",
         "",
         "## What the numbers say",
@@ -298,6 +405,9 @@ def write_report(output_dir: str, markdown_path: str = "docs/results.md", figure
     os.makedirs(os.path.dirname(markdown_path) or ".", exist_ok=True)
     with open(markdown_path, "w", encoding="utf-8") as f:
         f.write(text)
+    write_results_json(json_path, teachers, rows, pairs, variants)
+    if os.path.abspath(json_path) == os.path.abspath(readme_figures.RESULTS_JSON):
+        readme_figures.update_readme()
     try:
         _plot(summary, pairs, variants, figure_path, title_suffix=" (quick mode)" if quick else "")
     except ImportError:
