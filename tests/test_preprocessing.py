@@ -9,8 +9,8 @@ from PIL import Image
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 
 from pat_hf import ImageView, create_student, with_image_transforms
-from pat_hf.data import collate_images
 from pat_hf.augment import build_image_transforms, device_views
+from pat_hf.data import collate_images
 from pat_hf.preprocessing import build_eval_transform, convert_view, make_view
 from support.tiny import make_image_dataset
 

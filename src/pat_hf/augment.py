@@ -146,6 +146,22 @@ class AugmentationConfig:
             raise ValueError(f"Unknown augmentation option(s) {unknown}; known: {sorted(names)}.")
         return cls(**values)
 
+    def describe(self) -> str:
+        """One line for the model card: ``crop scale 0.08-1 ratio 0.75-1.33, hflip 0.5, rand-m9-mstd0.5-inc1, ...``."""
+        parts = [
+            f"crop scale {self.min_crop_scale:g}-1 ratio {self.crop_ratio[0]:.3g}-{self.crop_ratio[1]:.3g} "
+            f"({self.train_interpolation})",
+            f"hflip {self.hflip:g}",
+        ]
+        if self.auto_augment:
+            parts.append(self.auto_augment)
+        elif self.color_jitter:
+            parts.append(f"colour jitter {self.color_jitter}")
+        if self.erasing:
+            parts.append(f"random erasing {self.re_prob:g} ({self.re_mode}, up to {self.re_count})")
+        parts.append("seeded per sample" if self.per_sample_seed else "global generators")
+        return ", ".join(parts)
+
     @property
     def erasing(self) -> bool:
         """Whether random erasing is on."""
@@ -252,7 +268,7 @@ def draw_erasing(config: AugmentationConfig, size: Sequence[int]) -> torch.Tenso
         for _ in range(10):
             area = random.uniform(*_RE_AREA) * height * width / count
             aspect = math.exp(random.uniform(*_RE_LOG_ASPECT))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if w < width and h < height:
                 top, left = random.randint(0, height - h), random.randint(0, width - w)
                 rows[b] = torch.tensor([top, left, h, w, mode, random.getrandbits(62)])

@@ -47,7 +47,7 @@ class _AugmentationEpoch(TrainerCallback):
         dataset = getattr(kwargs.get("train_dataloader"), "dataset", None)
         if isinstance(dataset, PerSampleSeededDataset):
             # state.epoch is the progress so far: an integer at an epoch start, a fraction when resuming mid-epoch.
-            dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+            dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
 class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
@@ -196,6 +196,12 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         return self.accelerator.unwrap_model(self.model).student
 
     @property
+    def augmentation(self) -> Any:
+        """The training data's :class:`~pat_hf.augment.AugmentationConfig` (None for data not prepared by
+        :func:`pat_hf.with_image_transforms`)."""
+        return (prepared_info(self.train_dataset) or {}).get("augmentation")
+
+    @property
     def method(self) -> nn.Module:
         """The distillation method module (with its heads)."""
         return self.accelerator.unwrap_model(self.model).method
@@ -219,8 +225,7 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         """Trainer's loader; training data prepared by :func:`pat_hf.with_image_transforms` with per-sample seeding
         (the default) is read through :class:`~pat_hf.data.PerSampleSeededDataset`, so every sample's augmentation
         is drawn from (``seed``, epoch, sample index) whatever the worker count or the resume point."""
-        info = prepared_info(self.train_dataset) or {}
-        augmentation = info.get("augmentation")
+        augmentation = self.augmentation
         if augmentation is None or not augmentation.per_sample_seed:
             return super().get_train_dataloader()
         original = self.train_dataset
