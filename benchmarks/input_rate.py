@@ -33,16 +33,18 @@ import io
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 PAIRS = ("224/224", "224/256", "224/384", "32->224")
-RECIPE = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "train_interpolation": "bilinear"}
+RECIPE = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "train_interpolation": "bilinear",
+}
 STUDENT_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 TEACHER_STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # another normalisation, as a ViT teacher's
 
@@ -216,8 +218,10 @@ def main() -> None:
     )
     results = {"cpu_side": [], "device_side": []}
     if not args.skip_cpu_side:
-        print("\n| views (student/teacher) | timm 1 view, img/s | pat_hf, img/s | vs timm | former, img/s | vs timm "
-              "| bytes/px pat_hf (image only) | timm | former |")
+        print(
+            "\n| views (student/teacher) | timm 1 view, img/s | pat_hf, img/s | vs timm | former, img/s | vs timm "
+            "| bytes/px pat_hf (image only) | timm | former |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for pair in args.pairs:
             r = cpu_side(pair, args.images, args.repeats)
@@ -232,8 +236,11 @@ def main() -> None:
     devices = [("cpu", args.cpu_batch)] + ([("cuda", args.gpu_batch)] if torch.cuda.is_available() else [])
     torch.set_num_threads(args.device_threads)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    print(f"\nDevice side (both views from one uint8 batch; CPU with {args.device_threads} thread(s)"
-          + (f"; GPU {name}" if name else "; no GPU here") + ")")
+    print(
+        f"\nDevice side (both views from one uint8 batch; CPU with {args.device_threads} thread(s)"
+        + (f"; GPU {name}" if name else "; no GPU here")
+        + ")"
+    )
     print("\n| views | device | batch | ms/batch | ms/batch with erasing | µs/image with erasing |")
     print("|---|---|---|---|---|---|")
     for device, batch in devices:
