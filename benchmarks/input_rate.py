@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Input-pipeline rate: how many images per second one data-loader worker makes, and what the device side costs.
 
-CPU side, one process on one core (``torch.set_num_threads(1)``: what one data-loader worker has), through the
-public API, so decoding the stored image is included on every side: a `datasets` image column of random RGB images
+CPU side: ONE data-loader worker (``num_workers=1``, one torch thread, batches of 8 collated by
+``pat_hf.data.collate_images``; the worker's start is not timed), through the public API, so decoding the stored
+image is included on every side: a `datasets` image column of random RGB images
 (300-500 px, JPEG-encoded; 32 px for the CIFAR-like pair), and the same augmentation recipe everywhere (RandAugment
 ``rand-m9-mstd0.5-inc1``, random erasing 0.25 ``pixel``, bilinear random-resized crop, flip). For each view pair
 (student size / teacher size):
@@ -15,8 +16,10 @@ public API, so decoding the stored image is included on every side: a `datasets`
 - ``former``: what pat_hf did before (timm's full transform at the larger size, then each model's view resized
   and normalised per image on the CPU: two float32 tensors), for reference.
 
-The three run interleaved, best of ``--repeats``, on the same images. Bytes per sample: what leaves the loader per
-sample (image tensors, erasing boxes, the label), per pixel of the larger view (3 x H x W values).
+The three take turns pass by pass (a change in the machine's load hits them alike), best of ``--repeats`` passes,
+on the same images. Bytes
+per sample: what leaves the loader per sample (image tensors, erasing boxes, the label), per pixel of the larger
+view (3 x H x W values).
 
 Device side: the cost of making both models' views from a uint8 batch (``pat_hf.augment.device_views``: resize,
 normalisation, random erasing with its per-box fills) per batch, on the CPU (``--device-threads`` threads) and,
@@ -78,14 +81,60 @@ def parse_pair(pair: str) -> tuple[int, int, bool]:
     return int(s), int(t), False
 
 
-def nbytes(sample: dict) -> int:
-    total = 0
-    for value in sample.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, int):
-            total += 8  # collated to an int64 label
-    return total
+def nbytes(batch: dict) -> int:
+    """Bytes of a collated batch's tensors (images, erasing boxes, labels)."""
+    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+class TimmSide(torch.utils.data.Dataset):
+    """timm's single-view transform on the decoded image (``former``: then both views per image, as pat_hf did)."""
+
+    def __init__(self, encoded, decoder, transform, views=None) -> None:
+        self.encoded, self.decoder, self.transform, self.views = encoded, decoder, transform, views
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> dict:
+        from pat_hf.preprocessing import convert_view
+
+        x = self.transform(self.decoder.decode_example(self.encoded[i]).convert("RGB"))
+        if self.views is None:
+            return {"pixel_values": x, "labels": i % 10}
+        base, student, teacher = self.views
+        return {
+            "pixel_values": convert_view(x[None], base, student)[0],
+            "teacher_pixel_values": convert_view(x[None], base, teacher)[0],
+            "labels": i % 10,
+        }
+
+
+def timed_passes(datasets: dict, repeats: int, batch_size: int = 8) -> tuple[dict, dict]:
+    """Best time of ``repeats`` passes over each dataset through ONE data-loader worker each (persistent; a
+    warm-up pass first, so the worker's start is not counted). The sides take turns pass by pass, so a change in
+    the machine's load hits them alike. Returns the best times and one batch of each (for its size)."""
+    from pat_hf.data import collate_images
+
+    loaders = {
+        name: torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=1,
+            persistent_workers=True,
+            prefetch_factor=4,
+            collate_fn=collate_images,
+        )
+        for name, dataset in datasets.items()
+    }
+    batches = {name: next(iter(loader)) for name, loader in loaders.items()}  # starts the workers
+    best = dict.fromkeys(loaders, float("inf"))
+    for _ in range(repeats):
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            for _batch in loader:
+                pass
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, batches
 
 
 def cpu_side(pair: str, n: int, repeats: int) -> dict:
@@ -93,7 +142,6 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
 
     from pat_hf import ImageView, with_image_transforms
     from pat_hf.data import PerSampleSeededDataset
-    from pat_hf.preprocessing import convert_view
 
     s, t, small = parse_pair(pair)
     student = ImageView(size=(s, s), **STUDENT_STATS)
@@ -101,7 +149,8 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
     base = max(s, t)
     data = make_dataset(n, small)
     decoder = data.features["image"]
-    raw = data.cast_column("image", type(decoder)(decode=False))
+    raw = data.cast_column("image", type(decoder)(decode=False)).with_format(None)
+    encoded = [raw[i]["image"] for i in range(n)]
     timm_tf = create_transform(
         input_size=(3, base, base),
         is_training=True,
@@ -112,42 +161,15 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
         **STUDENT_STATS,
     )
     base_view = ImageView(size=(base, base), **STUDENT_STATS)
-    ours = PerSampleSeededDataset(with_image_transforms(data, student, teacher, train=True, **RECIPE), run_seed=0)
-    rows = raw.with_format(None)
-    encoded = [rows[i]["image"] for i in range(n)]
-
-    def run_timm() -> dict:
-        out = None
-        for value in encoded:
-            out = {"pixel_values": timm_tf(decoder.decode_example(value).convert("RGB")), "labels": 0}
-        return out
-
-    def run_former() -> dict:
-        out = None
-        for value in encoded:
-            x = timm_tf(decoder.decode_example(value).convert("RGB"))[None]
-            out = {
-                "pixel_values": convert_view(x, base_view, student)[0],
-                "teacher_pixel_values": convert_view(x, base_view, teacher)[0],
-                "labels": 0,
-            }
-        return out
-
-    def run_ours() -> dict:
-        out = None
-        for start in range(0, n, 8):  # the loader fetches a batch of indices at once (__getitems__)
-            batch = ours.__getitems__(list(range(start, min(start + 8, n))))
-            out = batch[-1]
-        return out
-
-    best = {"timm": float("inf"), "pat_hf": float("inf"), "former": float("inf")}
-    samples = {}
-    for _ in range(repeats):
-        for name, fn in (("timm", run_timm), ("pat_hf", run_ours), ("former", run_former)):
-            start = time.perf_counter()
-            samples[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+    sides = {
+        "timm": TimmSide(encoded, decoder, timm_tf),
+        # What the trainer reads: every draw seeded per sample.
+        "pat_hf": PerSampleSeededDataset(with_image_transforms(data, student, teacher, train=True, **RECIPE), 0),
+        "former": TimmSide(encoded, decoder, timm_tf, views=(base_view, student, teacher)),
+    }
+    best, batches = timed_passes(sides, repeats)
     pixels = 3 * base * base
+    batch_size = len(batches["timm"]["labels"])
     return {
         "pair": pair,
         "base": base,
@@ -155,8 +177,9 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
         **{f"{k}_img_s": n / v for k, v in best.items()},
         "ratio_vs_timm": best["timm"] / best["pat_hf"],
         "former_ratio_vs_timm": best["timm"] / best["former"],
-        **{f"{k}_bytes_per_pixel": nbytes(samples[k]) / pixels for k in best},
-        "pat_hf_image_bytes_per_pixel": samples["pat_hf"]["pixel_values"].numel() / pixels,
+        **{f"{k}_bytes_per_pixel": nbytes(b) / len(b["labels"]) / pixels for k, b in batches.items()},
+        "pat_hf_image_bytes_per_pixel": batches["pat_hf"]["pixel_values"][0].numel() / pixels,
+        "batch_size": batch_size,
     }
 
 

@@ -338,10 +338,13 @@ def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
     """Stacks ``pixel_values`` (and ``teacher_pixel_values``, ``erase``, ``labels`` when present) into a batch.
 
     uint8 images stay uint8 (one byte per pixel through the loader, pinned memory and the copy to the device)."""
-    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+    from torch.utils.data import default_collate
+
+    # default_collate stacks straight into shared memory in a data-loader worker (no second copy to hand it over).
+    batch = {"pixel_values": default_collate([e["pixel_values"] for e in examples])}
     for key in ("teacher_pixel_values", "erase"):
         if key in examples[0]:
-            batch[key] = torch.stack([e[key] for e in examples])
+            batch[key] = default_collate([e[key] for e in examples])
     label_key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
     if label_key is not None:
         batch["labels"] = torch.tensor([int(e[label_key]) for e in examples], dtype=torch.long)
