@@ -149,18 +149,23 @@ def augmentation_config(data_args: DataTrainingArguments) -> AugmentationConfig:
     return AugmentationConfig(**{name: getattr(data_args, name) for name in fields})
 
 
-def gpu_loader_defaults(training_args: PATTrainingArguments, given: set[str]) -> None:
+def gpu_loader_defaults(
+    training_args: PATTrainingArguments, given: set[str], gpus: int | None = None, cpus: int | None = None
+) -> None:
     """What a GPU user expects from the data loader unless set explicitly (``given``): worker processes (the CPU
     cores of this process's share of the machine, at most 8, as timm's scripts), persistent workers, pinned memory
     and non-blocking host-to-device copies (the batch is one uint8 image per sample; the views are made on the
-    device)."""
+    device). ``gpus`` / ``cpus``: this machine's (None: detected); nothing changes without a GPU or with
+    ``--use_cpu``."""
     import torch
 
-    if training_args.use_cpu or not torch.cuda.is_available():
+    gpus = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpus is None else gpus
+    if training_args.use_cpu or not gpus:
         return
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or gpus
     if "dataloader_num_workers" not in given:
-        training_args.dataloader_num_workers = max(1, min(8, (os.cpu_count() or 1) // local_processes))
+        cpus = (os.cpu_count() or 1) if cpus is None else cpus
+        training_args.dataloader_num_workers = max(1, min(8, cpus // local_processes))
     if "dataloader_persistent_workers" not in given and training_args.dataloader_num_workers > 0:
         training_args.dataloader_persistent_workers = True
     if "dataloader_pin_memory" not in given:

@@ -39,6 +39,17 @@ __all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
 logger = logging.getLogger(__name__)
 
 
+def single_process_loading_warning(num_workers: int, device_type: str) -> str | None:
+    """The warning for a GPU run that loads its data in the training process (``dataloader_num_workers=0``)."""
+    if num_workers or device_type != "cuda":
+        return None
+    return (
+        "dataloader_num_workers=0 on a GPU: images are decoded and augmented in the training process, between "
+        "steps, which usually leaves the GPU waiting. Set --dataloader_num_workers (about the number of CPU cores "
+        "per GPU; docs/benchmarks.md says how many a step rate needs)."
+    )
+
+
 class _AugmentationEpoch(TrainerCallback):
     """Tells a :class:`~pat_hf.data.PerSampleSeededDataset` the epoch at the start of each epoch: accelerate's
     ``set_epoch`` reaches the dataset only when no sampler takes it (not under DDP's sharded sampler)."""
@@ -237,12 +248,9 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             self.train_dataset = original
 
     def _warn_single_process_loading(self) -> None:
-        if self.args.dataloader_num_workers == 0 and self.args.device.type == "cuda":
-            logger.warning(
-                "dataloader_num_workers=0 on a GPU: images are decoded and augmented in the training process, "
-                "between steps, which usually leaves the GPU waiting. Set --dataloader_num_workers (about the "
-                "number of CPU cores per GPU; docs/benchmarks.md says how many a step rate needs)."
-            )
+        message = single_process_loading_warning(self.args.dataloader_num_workers, self.args.device.type)
+        if message:
+            logger.warning(message)
 
     # ---- loss --------------------------------------------------------------------------------------------
 
