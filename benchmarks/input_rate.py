@@ -82,8 +82,8 @@ def parse_pair(pair: str) -> tuple[int, int, bool]:
 
 
 def nbytes(batch: dict) -> int:
-    """Bytes of a collated batch's tensors (images, erasing boxes, labels)."""
-    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+    """Bytes of a collated batch's arrays (images, erasing boxes, labels)."""
+    return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes for v in batch.values())
 
 
 class TimmSide(torch.utils.data.Dataset):
@@ -193,14 +193,14 @@ def device_side(pair: str, batch: int, device: str, repeats: int = 5) -> dict:
     base = max(s, t)
     images = torch.randint(0, 256, (batch, 3, base, base), dtype=torch.uint8)
     config = AugmentationConfig(**RECIPE)
-    erase = torch.stack([draw_erasing(config, (base, base)) for _ in range(batch)])
+    # As collated: the boxes a NumPy array on the host, the images pinned when a GPU takes them.
+    erase = np.stack([draw_erasing(config, (base, base)).numpy() for _ in range(batch)])
     if device == "cuda":
-        images, erase = images.pin_memory(), erase.pin_memory()
+        images = images.pin_memory()
 
     def step(with_erase: bool) -> None:
         x = images.to(device, non_blocking=True)
-        e = erase.to(device, non_blocking=True) if with_erase else None
-        device_views(x, student, teacher, e)
+        device_views(x, student, teacher, erase if with_erase else None)
 
     result = {"pair": pair, "device": device, "batch": batch}
     for with_erase in (False, True):

@@ -139,7 +139,7 @@ def test_seeded_dataset_gives_the_same_pixels_for_any_worker_count():
     def load(workers: int) -> dict:
         loader = torch.utils.data.DataLoader(seeded_data, batch_size=3, num_workers=workers, collate_fn=collate_images)
         batches = list(loader)
-        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        return {k: torch.cat([torch.as_tensor(b[k]) for b in batches]) for k in batches[0]}
 
     seeded_data.set_epoch(2)
     one, two = load(0), load(2)
@@ -264,7 +264,11 @@ def test_dataset_transforms_take_the_recipe_options():
     train = with_image_transforms(dataset, STUDENT, TEACHER_2X, train=True, **RECIPE)
     batch = collate_images([train[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
-    assert batch["erase"].shape == (4, 1, 6) and "teacher_pixel_values" not in batch
+    # The erasing boxes stay a NumPy array: Trainer moves only tensors, the boxes are read on the host.
+    assert isinstance(batch["erase"], np.ndarray) and batch["erase"].shape == (4, 1, 6)
+    assert batch["erase"].dtype == np.int64 and "teacher_pixel_values" not in batch
+    from_tensor, _ = device_views(batch["pixel_values"], STUDENT, TEACHER_2X, torch.from_numpy(batch["erase"]))
+    torch.testing.assert_close(device_views(batch["pixel_values"], STUDENT, TEACHER_2X, batch["erase"])[0], from_tensor)
 
 
 def test_hflip_bool_and_bad_options():

@@ -285,18 +285,21 @@ def draw_erasing(config: AugmentationConfig, size: Sequence[int]) -> torch.Tenso
     return rows
 
 
-def erase_batch(x: torch.Tensor, erase: torch.Tensor) -> torch.Tensor:
+def erase_batch(x: torch.Tensor, erase: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Applies drawn erasing boxes to a normalised batch, in place, on its device.
 
     Args:
         x: (B, C, H, W) float batch, normalised (the fill is normal noise in that normalisation, as timm's).
-        erase: (B, re_count, 6) int64 boxes of :func:`draw_erasing` for this batch's size.
+        erase: (B, re_count, 6) int64 boxes of :func:`draw_erasing` for this batch's size (a NumPy array, as
+            collated, or a tensor).
 
     Returns:
         ``x``, erased. Each box's fill comes from a generator on ``x``'s device seeded with the box's seed, so it
         is the same in every run, whatever process or resume point made the batch.
     """
-    rows = erase.detach().to("cpu").tolist()
+    # The boxes are read on the host: a NumPy array (what collate_images makes, so Trainer leaves it there) costs
+    # no device sync; a tensor on the device would wait for the queued work.
+    rows = erase.tolist() if isinstance(erase, np.ndarray) else erase.detach().to("cpu").tolist()
     channels = x.shape[1]
     for i, boxes in enumerate(rows):
         for top, left, h, w, mode, seed in boxes:
@@ -317,7 +320,7 @@ def device_views(
     images: torch.Tensor,
     student_view: ImageView,
     teacher_view: ImageView | None = None,
-    erase: torch.Tensor | None = None,
+    erase: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The student's and the teacher's views of one uint8 batch, made on its device (one batched op per model).
 
@@ -332,12 +335,12 @@ def device_views(
             resize of the whole image).
         student_view: The student's view.
         teacher_view: The teacher's view; None: no teacher view is made.
-        erase: (B, re_count, 6) boxes drawn by :func:`draw_erasing`, or None.
+        erase: (B, re_count, 6) boxes drawn by :func:`draw_erasing` (NumPy, as collated, or a tensor), or None.
 
     Returns:
         ``(student_pixels, teacher_pixels)``, float32; ``teacher_pixels`` None without ``teacher_view``.
     """
-    if erase is not None and bool((erase[..., 2] > 0).any()):
+    if erase is not None and bool((erase[..., 2] > 0).any()):  # NumPy (collated): no device sync
         base = ImageView(size=tuple(images.shape[-2:]), mean=student_view.mean, std=student_view.std)
         x = erase_batch(make_view(images, base), erase)
         teacher = convert_view(x, base, teacher_view) if teacher_view is not None else None

@@ -337,14 +337,17 @@ def with_image_transforms(
 def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stacks ``pixel_values`` (and ``teacher_pixel_values``, ``erase``, ``labels`` when present) into a batch.
 
-    uint8 images stay uint8 (one byte per pixel through the loader, pinned memory and the copy to the device)."""
+    uint8 images stay uint8 (one byte per pixel through the loader, pinned memory and the copy to the device);
+    ``erase`` (random-erasing boxes, int64 (B, re_count, 6)) is a NumPy array, so it stays on the host."""
     from torch.utils.data import default_collate
 
     # default_collate stacks straight into shared memory in a data-loader worker (no second copy to hand it over).
     batch = {"pixel_values": default_collate([e["pixel_values"] for e in examples])}
-    for key in ("teacher_pixel_values", "erase"):
-        if key in examples[0]:
-            batch[key] = default_collate([e[key] for e in examples])
+    if "teacher_pixel_values" in examples[0]:
+        batch["teacher_pixel_values"] = default_collate([e["teacher_pixel_values"] for e in examples])
+    if "erase" in examples[0]:
+        # A NumPy array: Trainer moves tensors to the device, and the boxes are read on the host (no device sync).
+        batch["erase"] = np.stack([np.asarray(e["erase"]) for e in examples])
     label_key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
     if label_key is not None:
         batch["labels"] = torch.tensor([int(e[label_key]) for e in examples], dtype=torch.long)

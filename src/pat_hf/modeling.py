@@ -88,7 +88,7 @@ class DistillationModel(nn.Module):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         teacher_pixel_values: torch.Tensor | None = None,
-        erase: torch.Tensor | None = None,
+        erase: Any = None,
     ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         """One step: the method's training loss in train mode, the student's evaluation loss otherwise.
 
@@ -98,7 +98,8 @@ class DistillationModel(nn.Module):
             labels: Class indices (B,) or soft targets (B, K), or None.
             teacher_pixel_values: Teacher inputs made from the same images (uint8 or normalised float); derived
                 from ``pixel_values`` on the device when absent.
-            erase: Random-erasing boxes drawn for uint8 ``pixel_values`` (see :func:`pat_hf.augment.erase_batch`).
+            erase: Random-erasing boxes drawn for uint8 ``pixel_values``, a NumPy array or a tensor (see
+                :func:`pat_hf.augment.erase_batch`).
 
         Returns:
             ``{"loss", "logits", "loss_parts"}``; ``loss_parts`` maps component names to unweighted values.
