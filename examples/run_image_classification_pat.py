@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pat_hf
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
-from pat_hf.augment import check_augmentation_options
+from pat_hf.augment import AugmentationConfig
 from pat_hf.data import check_columns, load_fashion_mnist
 from pat_hf.errors import ConfigValueError
 from pat_hf.methods import get_method
@@ -124,6 +124,13 @@ class DataTrainingArguments:
     re_prob: float = field(default=0.0, metadata={"help": "Probability of timm's random erasing."})
     re_mode: str = field(default="pixel", metadata={"help": "Random-erasing fill: const, rand or pixel."})
     re_count: int = field(default=1, metadata={"help": "Maximum number of random-erasing boxes per image."})
+    per_sample_seed: bool = field(
+        default=True,
+        metadata={
+            "help": "Seed each sample's augmentation from (seed, epoch, index): the same pixels for any number of "
+            "data-loader workers and any resume point."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.train_val_split is not None and not 0 < self.train_val_split < 1:
@@ -132,13 +139,50 @@ class DataTrainingArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1 (or left unset for all samples), got {value}.")
-        check_augmentation_options(**augmentation_options(self))
+        # Built (and checked) once, then passed down whole to with_image_transforms.
+        self.augmentation = augmentation_config(self)
 
 
-def augmentation_options(data_args: DataTrainingArguments) -> dict[str, Any]:
-    """The training-augmentation keywords of ``pat_hf.with_image_transforms`` from the data arguments."""
-    names = ("min_crop_scale", "crop_ratio", "hflip", "train_interpolation", "auto_augment", "color_jitter")
-    return {name: getattr(data_args, name) for name in (*names, "re_prob", "re_mode", "re_count")}
+def augmentation_config(data_args: DataTrainingArguments) -> AugmentationConfig:
+    """The run's :class:`pat_hf.augment.AugmentationConfig` from the data arguments."""
+    fields = AugmentationConfig.__dataclass_fields__
+    return AugmentationConfig(**{name: getattr(data_args, name) for name in fields})
+
+
+def gpu_loader_defaults(
+    training_args: PATTrainingArguments, given: set[str], gpus: int | None = None, cpus: int | None = None
+) -> None:
+    """What a GPU user expects from the data loader unless set explicitly (``given``): worker processes (the CPU
+    cores of this process's share of the machine, at most 8, as timm's scripts), persistent workers, pinned memory
+    and non-blocking host-to-device copies (the batch is one uint8 image per sample; the views are made on the
+    device). ``gpus`` / ``cpus``: this machine's (None: detected); nothing changes without a GPU or with
+    ``--use_cpu``."""
+    import torch
+
+    gpus = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpus is None else gpus
+    if training_args.use_cpu or not gpus:
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or gpus
+    if "dataloader_num_workers" not in given:
+        cpus = (os.cpu_count() or 1) if cpus is None else cpus
+        training_args.dataloader_num_workers = max(1, min(8, cpus // local_processes))
+    if "dataloader_persistent_workers" not in given and training_args.dataloader_num_workers > 0:
+        training_args.dataloader_persistent_workers = True
+    if "dataloader_pin_memory" not in given:
+        training_args.dataloader_pin_memory = True
+    config = getattr(training_args, "accelerator_config", None)
+    if training_args.dataloader_pin_memory and hasattr(config, "non_blocking") and "accelerator_config" not in given:
+        config.non_blocking = True
+
+
+def given_arguments(argv: list[str]) -> set[str]:
+    """The argument names set on the command line or in the config file."""
+    names = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        with open(argv[0], encoding="utf-8") as f:
+            values = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
+        names |= set(values) if isinstance(values, dict) else set()
+    return names
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, PATTrainingArguments]:
@@ -223,7 +267,9 @@ def load_data(data_args: DataTrainingArguments, model_args: ModelArguments) -> d
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, data_args, training_args = parse_args(argv)
+    gpu_loader_defaults(training_args, given_arguments(argv or [DEFAULT_CONFIG]))
 
     # Setup logging
     logging.basicConfig(
@@ -314,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student_view = ImageView.from_timm(student)
     teacher_view = teacher.view if teacher is not None else None
 
-    # Transforms: timm's augmentation drawn once per image, then resized and normalised for each model.
+    # Transforms: timm's augmentation drawn once per image, one uint8 image per sample; the trainer resizes and
+    # normalises it for each model on the device.
     common = {
         "image_column": data_args.image_column_name,
         "label_column": data_args.label_column_name,
@@ -322,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if train_ds is not None:
         train_ds = with_image_transforms(
-            train_ds, student_view, teacher_view, train=True, **augmentation_options(data_args), **common
+            train_ds, student_view, teacher_view, train=True, augmentation=data_args.augmentation, **common
         )
     if eval_ds is not None:
         # The teacher's own view for eval_loss_kd: its resize and centre crop of each image.

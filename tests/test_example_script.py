@@ -171,3 +171,47 @@ def test_config_file_then_flags_override_it(script, tmp_path):
     assert (args.distill_method, args.num_train_epochs, args.output_dir) == ("pat", 3.0, "b")
     with pytest.raises(ValueError, match="no_such_flag"):  # an unknown flag is refused, as without a file
         script.parse_args([str(config), "--no_such_flag", "1"])
+
+
+def test_augmentation_is_one_config_and_gpu_loader_defaults_respect_given_flags(script, tmp_path):
+    """The data arguments build one AugmentationConfig; the GPU data-loader defaults never override a setting the
+    command line or the config file gave (and leave a CPU run alone)."""
+    from pat_hf.augment import AugmentationConfig
+
+    _, data_args, args = script.parse_args(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--auto_augment",
+            "rand-m9-mstd0.5-inc1",
+            "--re_prob",
+            "0.25",
+            "--use_cpu",
+            "true",
+        ]
+    )
+    assert data_args.augmentation == AugmentationConfig(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "dataloader_pin_memory": False}))
+    given = script.given_arguments([str(config), "--dataloader_num_workers=3", "--seed", "1"])
+    assert given == {"output_dir", "dataloader_pin_memory", "dataloader_num_workers", "seed"}
+    workers = args.dataloader_num_workers
+    script.gpu_loader_defaults(args, set(), gpus=2, cpus=16)
+    assert args.dataloader_num_workers == workers  # --use_cpu: unchanged
+    _, _, gpu_args = script.parse_args(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "false"])
+    gpu_args.use_cpu = False
+    script.gpu_loader_defaults(gpu_args, {"dataloader_pin_memory"}, gpus=2, cpus=16)
+    assert gpu_args.dataloader_num_workers == 8 and gpu_args.dataloader_persistent_workers  # 16 cores, 2 GPUs
+    assert not gpu_args.dataloader_pin_memory and not gpu_args.accelerator_config.non_blocking  # given: kept
+    _, _, gpu_args = script.parse_args(["--output_dir", str(tmp_path), "--dataloader_num_workers", "0"])
+    gpu_args.use_cpu = False
+    script.gpu_loader_defaults(gpu_args, {"dataloader_num_workers"}, gpus=4, cpus=12)
+    assert gpu_args.dataloader_num_workers == 0 and gpu_args.dataloader_pin_memory
+    assert gpu_args.accelerator_config.non_blocking
+
+
+def test_a_gpu_run_without_loader_workers_is_warned():
+    from pat_hf.trainer import single_process_loading_warning
+
+    assert "dataloader_num_workers=0 on a GPU" in single_process_loading_warning(0, "cuda")
+    assert single_process_loading_warning(4, "cuda") is None and single_process_loading_warning(0, "cpu") is None

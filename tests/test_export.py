@@ -99,6 +99,8 @@ def test_model_card_names_teacher_method_data_and_metrics(trained):
     assert "ConvNextForImageClassification" in card  # the teacher
     assert "eval_accuracy" in card
     assert 'timm.create_model("hf-hub:' in card and "AutoModelForImageClassification" in card
+    # The training augmentation (AugmentationConfig.describe()).
+    assert "- augmentation: crop scale 0.08-1 ratio 0.75-1.33 (bilinear), hflip 0.5, seeded per sample" in card
 
 
 def test_checkpoint_holds_student_and_manifest(tmp_path):

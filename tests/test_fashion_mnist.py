@@ -19,6 +19,7 @@ from pat_hf import (
     with_image_transforms,
 )
 from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, balanced_subset
+from pat_hf.preprocessing import make_view
 
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
 # CI installs the package: there a missing file is a failure, not a skip.
@@ -94,7 +95,9 @@ def test_teacher_then_kd_student_on_real_images(tmp_path):
 
     # 3. The export predicts exactly like the trained student.
     exported = timm.create_model(f"local-dir:{tmp_path / 'student'}", pretrained=True).eval()
-    batch = torch.stack([trainer.eval_dataset[i]["pixel_values"] for i in range(16)])
+    # The evaluation data is uint8; the student's view is made as the trainer makes it on the device.
+    images = torch.stack([trainer.eval_dataset[i]["pixel_values"] for i in range(16)])
+    batch = make_view(images, view)
     with torch.no_grad():
         torch.testing.assert_close(exported(batch), trainer.student.eval()(batch))
     config = json.load(open(tmp_path / "student" / "config.json"))

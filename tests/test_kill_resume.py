@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,14 @@ from safetensors.torch import load_file
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "kill_resume_worker.py")
 
 
-def run_worker(output_dir, method: str, mode: str) -> subprocess.CompletedProcess:
+def run_worker(output_dir, method: str, mode: str, variant: str = "plain") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     return subprocess.run(
-        [sys.executable, WORKER, str(output_dir), method, mode], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, WORKER, str(output_dir), method, mode, variant],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
 
 
@@ -62,6 +67,30 @@ def test_sigkilled_run_resumes_exactly(tmp_path, method, kill, survivor):
     assert len(got_fb) == len(expected_fb) == (4 if method == "pat" else 0)
     for a, b in zip(got_fb, expected_fb):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_resumed_mid_epoch_with_augmentation_ends_identical(tmp_path):
+    """RandAugment, random erasing and Mixup / CutMix on: a run killed after step 5 resumes from checkpoint-4, in
+    the middle of epoch 2, with 2 data-loader workers where the uninterrupted run had none, and ends with the same
+    weights, bit for bit: every sample's augmentation is seeded from (seed, epoch, index)."""
+    full = run_worker(tmp_path / "full", "kd", "full", "augment-w0")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed_dir = tmp_path / "killed"
+    killed = run_worker(killed_dir, "kd", "kill-after-step-5", "augment-w0")
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
+    assert sorted(p for p in os.listdir(killed_dir) if p.startswith("checkpoint-"))[-1] == "checkpoint-4"
+    resumed = run_worker(killed_dir, "kd", "resume", "augment-w2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "global_step 9" in resumed.stdout
+    (expected, _), (got, _) = final_state(tmp_path / "full"), final_state(killed_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    # The augmentation was on, seeded per sample (recorded in the checkpoints' manifest).
+    with open(killed_dir / "checkpoint-4" / "distill_manifest.json", encoding="utf-8") as f:
+        augmentation = json.load(f)["augmentation"]
+    assert augmentation["re_prob"] == 0.5 and augmentation["auto_augment"] and augmentation["per_sample_seed"]
 
 
 def test_staged_checkpoints_rotate_and_keep_the_best(tmp_path):

@@ -165,9 +165,14 @@ def test_config_builds_and_trains_one_step_with_its_recipe(script, tiny_run, con
     (trainer,) = built
     assert trainer.state.global_step == 1
 
-    # Augmentation: timm's pipeline on both views.
+    # Augmentation: timm's pipeline, one uint8 image for both views, the recipe's settings in one object.
     example = trainer.train_dataset[0]
-    assert example["pixel_values"].shape == (3, 16, 16) and example["teacher_pixel_values"].shape == (3, 16, 16)
+    assert example["pixel_values"].shape == (3, 16, 16) and example["pixel_values"].dtype == torch.uint8
+    augmentation = trainer.augmentation
+    for key in ("auto_augment", "re_prob", "re_mode", "color_jitter", "min_crop_scale"):
+        if key in recipe:
+            value = recipe[key]
+            assert getattr(augmentation, key) == (pytest.approx(value) if isinstance(value, float) else value), key
     # Mixup / CutMix with the recipe's label smoothing, applied once by timm.
     if recipe.get("mixup_alpha"):
         assert isinstance(trainer.mixup, PairedMixup)

@@ -131,6 +131,7 @@ class AugmentingCollator:
         from pat_hf.data import TensorBatchCollator
 
         view = ImageView(size=(image_size, image_size), mean=(mean,) * 3, std=(std,) * 3)
+        self.view = view
         self.transform = build_train_augmentation(
             view, None, min_crop_scale=1.0, crop_ratio=(1.0, 1.0), hflip=0.5, auto_augment=auto_augment
         )
@@ -148,4 +149,8 @@ class AugmentingCollator:
             border = (self.image_size - image.shape[0]) // 2
             views.append(self.transform(Image.fromarray(np.pad(image, border)).convert("RGB"))["pixel_values"])
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-        return {"pixel_values": torch.stack(views), "labels": labels}
+        from pat_hf.preprocessing import make_view
+
+        # The transform gives uint8 images; this collator's batches are normalised with its own statistics (the
+        # study's student and teacher share them), as timm's ToTensor + Normalize did here before.
+        return {"pixel_values": make_view(torch.stack(views), self.view), "labels": labels}

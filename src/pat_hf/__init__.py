@@ -10,6 +10,7 @@ Example:
 
 from .version import __version__  # noqa: I001  (first: every module below may read it)
 
+from .augment import AugmentationConfig
 from .configuration import PATTrainingArguments
 from .data import load_fashion_mnist, with_image_transforms
 from .ema import ModelEmaCallback
@@ -25,6 +26,7 @@ from .teacher import Teacher, load_teacher
 from .trainer import PATDistillationTrainer
 
 __all__ = [
+    "AugmentationConfig",
     "CheckpointSaveError",
     "DistillationMethod",
     "DivergedLossError",

@@ -227,6 +227,8 @@ class CheckpointMixin:
             "student": description,
             "class_names": self.class_names,
             "ema": _ema_manifest(self),
+            # Informational (not compared on resume): the training augmentation, as the data was prepared.
+            "augmentation": self.augmentation.to_dict() if getattr(self, "augmentation", None) else None,
         }
 
     @staticmethod

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .augment import AugmentationConfig, build_image_transforms, sample_seed
 from .errors import DatasetError, ImageLoadError, LabelError
-from .preprocessing import ImageView, build_image_transforms
+from .preprocessing import ImageView
 from .teacher import normalise_class_name
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "PerSampleSeededDataset",
     "TensorBatchCollator",
     "balanced_subset",
     "collate_images",
@@ -176,7 +178,8 @@ def check_not_empty(dataset: Any, what: str = "dataset") -> None:
 def prepared_info(dataset: Any) -> dict[str, Any] | None:
     """What :func:`with_image_transforms` recorded on ``dataset`` (kept through ``select``, ``shuffle`` and
     splits): ``student_view``, ``teacher_view``, ``train``, ``image_column``, ``label_column``,
-    ``class_names``; None for data prepared otherwise."""
+    ``class_names``, ``augmentation`` (the :class:`~pat_hf.augment.AugmentationConfig` of training data, else
+    None); None for data prepared otherwise."""
     fmt = getattr(dataset, "format", None)
     transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
     info = getattr(transform, "pat_hf", None)
@@ -238,66 +241,50 @@ def with_image_transforms(
     train: bool,
     image_column: str = "image",
     label_column: str | None = "label",
-    min_crop_scale: float = 0.08,
-    hflip: float | bool = 0.5,
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-    train_interpolation: str = "bilinear",
-    auto_augment: str | None = None,
-    color_jitter: float | Sequence[float] | None = None,
-    re_prob: float = 0.0,
-    re_mode: str = "pixel",
-    re_count: int = 1,
+    augmentation: AugmentationConfig | None = None,
     class_names: Sequence[str] | None = None,
+    **augmentation_options: Any,
 ) -> Any:
-    """Attaches lazy transforms producing ``pixel_values``, ``teacher_pixel_values`` and ``labels``.
+    """Attaches lazy transforms producing ``pixel_values`` (one uint8 image per sample) and ``labels``.
 
-    Training augmentation is timm's ``create_transform`` with the options below, every random draw (crop, flip,
-    RandAugment, colour jitter, random-erasing box and fill) made once per image and shared by both models' views
-    (see :mod:`pat_hf.augment`). Mixup / CutMix run later, on the batch (``mixup_alpha`` / ``cutmix_alpha`` in
-    :class:`~pat_hf.PATTrainingArguments`).
+    Training: timm's ``create_transform`` augmentation with the settings of ``augmentation``, every random draw
+    (crop, flip, RandAugment, colour jitter, random-erasing box and fill) made once per image at the larger of the
+    two views' sizes (see :mod:`pat_hf.augment`); the sample is that one uint8 (3, H, W) image (plus the drawn
+    erasing boxes, ``erase``, when random erasing is on). The trainer makes each model's view from it on the
+    device (resize, normalisation, erasing), before Mixup / CutMix (``mixup_alpha`` / ``cutmix_alpha`` in
+    :class:`~pat_hf.PATTrainingArguments`). Evaluation: the student's resize + centre crop, as uint8, and with a
+    teacher view the teacher's own (``teacher_pixel_values``, uint8, for ``eval_loss_kd``).
 
-    The views are recorded on the dataset (:func:`prepared_info`): the trainer checks them against the
-    teacher's and records the student's in its export. An image that cannot be decoded raises
+    The views and the augmentation are recorded on the dataset (:func:`prepared_info`): the trainer checks them
+    against the teacher's and records them in its checkpoints and export. An image that cannot be decoded raises
     :class:`pat_hf.errors.ImageLoadError` naming its file (or its row).
 
     Args:
         dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
         student_view: The student's view (``trainer``-independent: see :meth:`ImageView.from_timm`).
-        teacher_view: The teacher's view; None without a teacher. In evaluation it adds the teacher's own view
-            of each image (``teacher_pixel_values``, for ``eval_loss_kd``).
+        teacher_view: The teacher's view; None without a teacher. In training only its size counts (the image
+            is made at the larger size); in evaluation it adds the teacher's own view of each image.
         train: Augment (training) or resize + centre-crop (evaluation).
         image_column: Name of the image column.
         label_column: Name of the label column (None for unlabelled data).
-        min_crop_scale: Lower bound of the random-resized-crop area fraction.
-        hflip: Probability of a horizontal flip during training (True = 0.5, False = 0).
-        crop_ratio: Aspect-ratio range of the random-resized crop.
-        train_interpolation: Interpolation of the random-resized crop ("bilinear", "bicubic", "nearest", "random").
-        auto_augment: timm policy such as ``"rand-m9-mstd0.5-inc1"`` (RandAugment); None for none.
-        color_jitter: Colour-jitter factor(s); None or 0 for none (timm skips it when ``auto_augment`` is set).
-        re_prob: Probability of timm's random erasing.
-        re_mode: Random-erasing fill: "const", "rand" or "pixel".
-        re_count: Maximum number of erased boxes per image.
+        augmentation: The training augmentation's settings (:class:`pat_hf.augment.AugmentationConfig`); None:
+            built from ``augmentation_options``.
         class_names: Class names in output order: string labels are mapped to their index by name (case, spaces,
             ``_`` and ``-`` ignored). The trainer sets them for string labels when they are not given.
+        **augmentation_options: The former keyword arguments (``min_crop_scale``, ``hflip``, ``crop_ratio``,
+            ``train_interpolation``, ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``re_count``,
+            ``per_sample_seed``): the fields of the :class:`~pat_hf.augment.AugmentationConfig` built when
+            ``augmentation`` is None.
 
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
     check_columns(dataset, image_column, label_column)
-    transform = build_image_transforms(
-        student_view,
-        teacher_view,
-        train=train,
-        min_crop_scale=min_crop_scale,
-        hflip=hflip,
-        crop_ratio=crop_ratio,
-        train_interpolation=train_interpolation,
-        auto_augment=auto_augment,
-        color_jitter=color_jitter,
-        re_prob=re_prob,
-        re_mode=re_mode,
-        re_count=re_count,
-    )
+    if augmentation is None:
+        augmentation = AugmentationConfig(**augmentation_options)
+    elif augmentation_options:
+        raise TypeError(f"Give either augmentation= or its keywords, not both ({sorted(augmentation_options)}).")
+    transform = build_image_transforms(student_view, teacher_view, train=train, augmentation=augmentation)
     decoder = raw = None
     feature = (getattr(dataset, "features", None) or {}).get(image_column)
     if type(feature).__name__ == "Image" and getattr(feature, "decode", False) and hasattr(dataset, "cast_column"):
@@ -313,6 +300,7 @@ def with_image_transforms(
         "image_column": image_column,
         "label_column": label_column,
         "class_names": list(class_names) if class_names else None,
+        "augmentation": augmentation if train else None,
     }
     encode = _label_encoder(info)
 
@@ -331,12 +319,12 @@ def with_image_transforms(
                 "The file is truncated or not an image: replace it, or remove it from the dataset."
             ) from err
 
-    def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"pixel_values": []}
-        views = [transform(load(image)) for image in batch[image_column]]
-        out["pixel_values"] = [v["pixel_values"] for v in views]
-        if views and "teacher_pixel_values" in views[0]:
-            out["teacher_pixel_values"] = [v["teacher_pixel_values"] for v in views]
+    def apply(batch: dict[str, list[Any]], seeds: Sequence[int] | None = None) -> dict[str, list[Any]]:
+        # seeds: one per row, from PerSampleSeededDataset (the trainer's loader); None: the global generators.
+        images = batch[image_column]
+        seeds = seeds if seeds is not None else [None] * len(images)
+        views = [transform(load(image), seed=seed) for image, seed in zip(images, seeds)]
+        out: dict[str, list[Any]] = {key: [v[key] for v in views] for key in (views[0] if views else ("pixel_values",))}
         if label_column:
             out["labels"] = [encode(value) for value in batch[label_column]]
         return out
@@ -347,14 +335,69 @@ def with_image_transforms(
 
 
 def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stacks ``pixel_values`` (and ``teacher_pixel_values``, ``labels`` when present) into a batch."""
-    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+    """Stacks ``pixel_values`` (and ``teacher_pixel_values``, ``erase``, ``labels`` when present) into a batch.
+
+    uint8 images stay uint8 (one byte per pixel through the loader, pinned memory and the copy to the device);
+    ``erase`` (random-erasing boxes, int64 (B, re_count, 6)) is a NumPy array, so it stays on the host."""
+    from torch.utils.data import default_collate
+
+    # default_collate stacks straight into shared memory in a data-loader worker (no second copy to hand it over).
+    batch = {"pixel_values": default_collate([e["pixel_values"] for e in examples])}
     if "teacher_pixel_values" in examples[0]:
-        batch["teacher_pixel_values"] = torch.stack([e["teacher_pixel_values"] for e in examples])
+        batch["teacher_pixel_values"] = default_collate([e["teacher_pixel_values"] for e in examples])
+    if "erase" in examples[0]:
+        # A NumPy array: Trainer moves tensors to the device, and the boxes are read on the host (no device sync).
+        batch["erase"] = np.stack([np.asarray(e["erase"]) for e in examples])
     label_key = "labels" if "labels" in examples[0] else "label" if "label" in examples[0] else None
     if label_key is not None:
         batch["labels"] = torch.tensor([int(e[label_key]) for e in examples], dtype=torch.long)
     return batch
+
+
+class PerSampleSeededDataset(torch.utils.data.Dataset):
+    """A training dataset prepared by :func:`with_image_transforms` whose random draws are seeded per sample.
+
+    Sample ``i`` of epoch ``e`` is augmented with generators seeded from ``(run_seed, e, i)``
+    (:func:`pat_hf.augment.sample_seed`), so its pixels are the same whichever data-loader worker (or process, or
+    resumed run) makes them. The trainer wraps its training data in it when the data's
+    :class:`~pat_hf.augment.AugmentationConfig` has ``per_sample_seed`` (the default) and sets the epoch at
+    the start of each epoch (:meth:`set_epoch`). The epoch lives in shared memory, so persistent data-loader
+    workers see it too.
+
+    Args:
+        dataset: The prepared `datasets.Dataset` (its transform is called with the seeds).
+        run_seed: The run's seed (``TrainingArguments.seed``).
+    """
+
+    def __init__(self, dataset: Any, run_seed: int) -> None:
+        fmt = getattr(dataset, "format", None) or {}
+        self.apply = fmt.get("format_kwargs", {}).get("transform")
+        if getattr(self.apply, "pat_hf", None) is None:
+            raise ValueError("PerSampleSeededDataset needs a dataset prepared by pat_hf.with_image_transforms.")
+        self.rows = dataset.with_format(None)  # raw rows; `apply` decodes and augments them
+        self.run_seed = int(run_seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next samples are drawn for."""
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch (accelerate calls this; so does the trainer's epoch callback)."""
+        self._epoch[0] = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [int(i) for i in indices]
+        epoch = self.epoch
+        out = self.apply(self.rows[indices], seeds=[sample_seed(self.run_seed, epoch, i) for i in indices])
+        return [{key: values[j] for key, values in out.items()} for j in range(len(indices))]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
 
 
 class TensorBatchCollator:

@@ -124,7 +124,9 @@ def ensure_teacher(cache_dir: str = ".cache/pat_hf", epochs: int | None = None, 
     trainer = PATDistillationTrainer(
         model=model,
         args=args,
-        train_dataset=with_image_transforms(train, view, train=True, min_crop_scale=0.6),
+        # per_sample_seed=False: the process's generators, as when the README's figures were made (the per-sample
+        # seeds would draw other crops; the views are otherwise the same up to float rounding).
+        train_dataset=with_image_transforms(train, view, train=True, min_crop_scale=0.6, per_sample_seed=False),
         processing_class=processor,
     )
     start = time.time()
@@ -229,8 +231,14 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
             model=student,
             teacher=teacher if method != "none" else None,
             args=args,
+            # per_sample_seed=False: the draws the README's figures were made with (see ensure_teacher).
             train_dataset=with_image_transforms(
-                subset, view, teacher_view if method != "none" else None, train=True, min_crop_scale=0.6
+                subset,
+                view,
+                teacher_view if method != "none" else None,
+                train=True,
+                min_crop_scale=0.6,
+                per_sample_seed=False,
             ),
             teacher_image_processor=teacher_processor if method != "none" else None,
             dataset_name="fashion_mnist",

@@ -121,6 +121,9 @@ class HubPushMixin:
             "seed": args.seed,
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         }
+        augmentation = getattr(self, "augmentation", None)
+        if augmentation is not None:
+            hyper["augmentation"] = augmentation.describe()
         ema = self.model_ema
         hyper.update(recipe_summary(args, ema.settings() if ema else None, self.exported_weights() if ema else None))
         arch = student.pretrained_cfg.get("architecture") if is_timm_model(student) else type(student).__name__

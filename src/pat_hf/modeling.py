@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .augment import device_views
 from .compile import is_compiled_module, unwrap_compiled
 from .methods import DistillationBatch, DistillationMethod, get_method
-from .preprocessing import ImageView, convert_view
+from .preprocessing import ImageView, convert_view, make_view
 from .student import (
     check_timm_rebuildable,
     create_student,
@@ -41,8 +42,8 @@ class DistillationModel(nn.Module):
         student: The model being trained.
         method: The distillation method (holds its heads).
         teacher: The frozen teacher, or None.
-        student_view: The student's input size and normalisation (to derive teacher inputs when a batch has
-            none).
+        student_view: The student's input size and normalisation (to make its view from uint8 batches, and the
+            teacher's when a batch has none).
         class_names: The dataset's class names in output order, when known.
         student_model_args: The ``timm.create_model`` arguments the student was built with (for its export).
         student_model_class: Dotted path of the timm class the export loads with, when timm's registry cannot
@@ -87,33 +88,28 @@ class DistillationModel(nn.Module):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         teacher_pixel_values: torch.Tensor | None = None,
+        erase: Any = None,
     ) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
         """One step: the method's training loss in train mode, the student's evaluation loss otherwise.
 
         Args:
-            pixel_values: Student inputs (B, 3, H, W).
-            labels: Class indices (B,) or None.
-            teacher_pixel_values: Teacher inputs made from the same augmented images; derived from
-                ``pixel_values`` on the device when absent.
+            pixel_values: Student inputs (B, 3, H, W): uint8 images (each model's view is made here, see
+                :meth:`make_views`) or float inputs already normalised for the student.
+            labels: Class indices (B,) or soft targets (B, K), or None.
+            teacher_pixel_values: Teacher inputs made from the same images (uint8 or normalised float); derived
+                from ``pixel_values`` on the device when absent.
+            erase: Random-erasing boxes drawn for uint8 ``pixel_values``, a NumPy array or a tensor (see
+                :func:`pat_hf.augment.erase_batch`).
 
         Returns:
             ``{"loss", "logits", "loss_parts"}``; ``loss_parts`` maps component names to unweighted values.
         """
+        views = self.make_views(
+            {"pixel_values": pixel_values, "teacher_pixel_values": teacher_pixel_values, "erase": erase}
+        )
+        pixel_values, teacher_pixel_values = views["pixel_values"], views.get("teacher_pixel_values")
         teacher = self.teacher
-        needs_teacher = teacher is not None and (self.training or self.method.eval_teacher_losses)
-        if needs_teacher and teacher_pixel_values is None:
-            if self.student_view.size != teacher.view.size and not self._warned_view_conversion:
-                self._warned_view_conversion = True
-                logger.warning(
-                    "A batch without teacher_pixel_values: the teacher's %s input is resized from the student's %s "
-                    "one. That keeps the geometry only when both views show the same field of view (each a resize of "
-                    "one crop of the image); a student view made by padding or cropping differently (e.g. 28 px "
-                    "padded to 32) shows the teacher a shrunk or shifted image. Give the batches teacher_pixel_values "
-                    "(with_image_transforms(..., teacher_view)) to hand the teacher its own view.",
-                    "x".join(map(str, teacher.view.size)),
-                    "x".join(map(str, self.student_view.size)),
-                )
-            teacher_pixel_values = convert_view(pixel_values, self.student_view, teacher.view)
+        needs_teacher = self._needs_teacher()
         batch = DistillationBatch(pixel_values, labels, teacher_pixel_values if needs_teacher else None)
         student = self.student
         if self.compiled_student is not None and not self.method.compiling:
@@ -123,6 +119,68 @@ class DistillationModel(nn.Module):
         else:
             out = self.method.evaluate(student, teacher, batch)
         return {"loss": out.loss, "logits": out.logits, "loss_parts": out.parts}
+
+    def _needs_teacher(self) -> bool:
+        return self.teacher is not None and (self.training or self.method.eval_teacher_losses)
+
+    def make_views(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Each model's input made on the batch's device, in one batched op per model.
+
+        A uint8 batch (what :func:`pat_hf.with_image_transforms` yields: one image per sample, at the larger of the
+        two views' sizes in training) becomes the student's view and, when the teacher is used, the teacher's:
+        resized where the sizes differ (bilinear, antialiased when shrinking), scaled and normalised with each
+        model's statistics. With drawn erasing boxes (``erase``) the image is first normalised for the student at
+        its own size, erased there (timm's convention: noise in the student's normalisation), then converted to
+        each view, so both models see the same box and fill. A uint8 ``teacher_pixel_values`` (the teacher's own
+        evaluation crop) is normalised for the teacher. Float batches are taken as normalised for their model
+        (datasets users built themselves); a missing teacher input is then converted from the student's.
+
+        Args:
+            inputs: The batch (``pixel_values``, optionally ``teacher_pixel_values``, ``erase``, ``labels``).
+
+        Returns:
+            The batch with float ``pixel_values`` (and ``teacher_pixel_values`` when the teacher is used), without
+            ``erase``; other keys unchanged. Already-made views pass through untouched.
+        """
+        pixels = inputs["pixel_values"]
+        teacher_pixels, erase = inputs.get("teacher_pixel_values"), inputs.get("erase")
+        out = {k: v for k, v in inputs.items() if k != "erase"}
+        teacher_view = self.teacher.view if self.teacher is not None else None
+        needs_teacher = self._needs_teacher()
+        if pixels.dtype == torch.uint8:
+            derive = needs_teacher and teacher_pixels is None
+            if derive:
+                self._warn_if_resized_from_student(tuple(pixels.shape[-2:]), uint8=True)
+            out["pixel_values"], derived = device_views(
+                pixels, self.student_view, teacher_view if derive else None, erase
+            )
+            if derive:
+                out["teacher_pixel_values"] = derived
+        elif needs_teacher and teacher_pixels is None:
+            # A float batch normalised for the student (a dataset built by hand, a tensor collator).
+            self._warn_if_resized_from_student(tuple(pixels.shape[-2:]), uint8=False)
+            out["teacher_pixel_values"] = convert_view(pixels, self.student_view, teacher_view)
+        if teacher_pixels is not None and teacher_pixels.dtype == torch.uint8:
+            out["teacher_pixel_values"] = make_view(teacher_pixels, teacher_view) if needs_teacher else None
+        return out
+
+    def _warn_if_resized_from_student(self, size: tuple[int, int], uint8: bool) -> None:
+        # A uint8 image at the larger of the two sizes (what with_image_transforms makes for training) shows both
+        # models the same field of view by construction; any other derivation may not (padding, other crops).
+        teacher_size = self.teacher.view.size
+        base = (max(self.student_view.size[0], teacher_size[0]), max(self.student_view.size[1], teacher_size[1]))
+        if self.student_view.size == teacher_size or (uint8 and size == base) or self._warned_view_conversion:
+            return
+        self._warned_view_conversion = True
+        logger.warning(
+            "A batch without teacher_pixel_values: the teacher's %s input is resized from the student's %s "
+            "one. That keeps the geometry only when both views show the same field of view (each a resize of "
+            "one crop of the image); a student view made by padding or cropping differently (e.g. 28 px "
+            "padded to 32) shows the teacher a shrunk or shifted image. Give the batches teacher_pixel_values "
+            "(with_image_transforms(..., teacher_view)) to hand the teacher its own view.",
+            "x".join(map(str, teacher_size)),
+            "x".join(map(str, size)),
+        )
 
     def compile_regions(self, options: dict[str, Any] | None) -> None:
         """``torch.compile`` the method's regions (student and teacher passes, heads, losses) with ``options``;

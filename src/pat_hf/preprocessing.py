@@ -1,9 +1,12 @@
-"""Per-model image views: input size, normalisation and the transforms that produce them.
+"""Per-model image views: input size, normalisation, and the ops that make a model's view on the device.
 
-Teacher and student often expect different resolutions and normalisations. pat_hf gives each the SAME
-augmented image, then resizes and normalises it for each model separately (:func:`build_image_transforms`; the
-training augmentation is timm's, see :mod:`pat_hf.augment`).
-When a batch carries only the student's view, :func:`convert_view` derives the teacher's on the device.
+Teacher and student often expect different resolutions and normalisations. The data loader hands over ONE uint8
+image per sample (:mod:`pat_hf.augment` makes it on the CPU); each model's view is made from it on the device, in
+one batched op per model (:func:`make_view`: resize where the sizes differ, antialiased when shrinking, then the
+model's normalisation). :func:`convert_view` re-expresses an already normalised float batch in another view (for
+datasets that hand over float ``pixel_values`` they built themselves).
+
+This module depends on no other pat_hf module: :mod:`pat_hf.augment` and :mod:`pat_hf.data` build on it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageView", "build_image_transforms", "convert_view"]
+__all__ = ["ImageView", "build_eval_transform", "convert_view", "make_view", "pil_to_uint8", "resize_batch"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -211,6 +215,43 @@ def _size_from_config(config: Any) -> tuple[int, int] | None:
     return (int(image_size[0]), int(image_size[1]))
 
 
+def resize_batch(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of a float (B, C, H, W) batch to ``size``, antialiased when shrinking; unchanged at ``size``.
+
+    The one resize every view goes through (training and evaluation, device and reference paths), so the views a
+    model sees never depend on which path made them.
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrinking = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def _stats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+
+
+def make_view(images: torch.Tensor, view: ImageView, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A model's input from a uint8 batch: resized to the view's size, scaled to [0, 1], normalised.
+
+    One batched op per model, meant to run on the device (where the batch lands after the data loader). The
+    result equals timm's ``ToTensor`` + ``Normalize`` followed by :func:`resize_batch` up to float rounding.
+
+    Args:
+        images: (B, 3, H, W) uint8 pixels (any device).
+        view: The model's view (size, mean, std).
+        dtype: Floating dtype of the result (float32: the models cast under autocast themselves).
+
+    Returns:
+        (B, 3, *view.size) normalised for ``view``.
+    """
+    x = resize_batch(images.to(dtype), view.size)
+    # (x / 255 - mean) / std as one multiply-add per element.
+    scale = 1.0 / (255.0 * _stats(view.std, x))
+    return torch.addcmul(-_stats(view.mean, x) / _stats(view.std, x), x, scale)
+
+
 def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageView) -> torch.Tensor:
     """Re-expresses a normalised batch made for ``source`` in ``target``'s size and normalisation.
 
@@ -230,102 +271,45 @@ def convert_view(pixel_values: torch.Tensor, source: ImageView, target: ImageVie
     """
     if source.size == target.size and source.mean == target.mean and source.std == target.std:
         return pixel_values
-
-    def stats(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-
-    x = pixel_values * stats(source.std) + stats(source.mean)
-    if tuple(x.shape[-2:]) != tuple(target.size):
-        x = F.interpolate(
-            x, size=target.size, mode="bilinear", align_corners=False, antialias=x.shape[-1] > target.size[1]
-        )
-    return (x - stats(target.mean)) / stats(target.std)
+    x = pixel_values * _stats(source.std, pixel_values) + _stats(source.mean, pixel_values)
+    x = resize_batch(x, target.size)
+    return (x - _stats(target.mean, x)) / _stats(target.std, x)
 
 
-def build_image_transforms(
-    student_view: ImageView,
-    teacher_view: ImageView | None = None,
-    *,
-    train: bool,
-    min_crop_scale: float = 0.08,
-    hflip: float | bool = 0.5,
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-    train_interpolation: str = "bilinear",
-    auto_augment: str | None = None,
-    color_jitter: float | Sequence[float] | None = None,
-    re_prob: float = 0.0,
-    re_mode: str = "pixel",
-    re_count: int = 1,
-) -> Callable[[Any], dict[str, torch.Tensor]]:
-    """Builds the per-image transform that feeds both models from one augmented image.
+def pil_to_uint8(image: Any) -> torch.Tensor:
+    """A PIL image as a (3, H, W) uint8 tensor (converted to RGB; no scaling, no normalisation)."""
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy, (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
-    Training: timm's ``create_transform`` augmentation (random-resized crop, flip, RandAugment, colour jitter,
-    random erasing), every random draw made once at the larger of the two input sizes, then each model's own
-    resize and normalisation (see :mod:`pat_hf.augment`, which says exactly what each model sees). Evaluation:
-    timm's evaluation transform (shorter side to ``size / crop_pct``, centre crop) for the student, and with a
-    teacher view for the teacher too (its own resize and crop of the image, for ``eval_loss_kd``).
 
-    Grey-scale, palette and RGBA images are converted to RGB.
+def build_eval_transform(view: ImageView) -> Callable[[Any], torch.Tensor]:
+    """timm's evaluation transform for ``view`` without its float conversion: one PIL image to uint8 (3, H, W).
 
-    Args:
-        student_view: The student's view.
-        teacher_view: The teacher's view; None for methods without a teacher (or, in evaluation, without
-            ``eval_teacher_losses``).
-        train: Whether to build the training (augmenting) transform.
-        min_crop_scale: Lower bound of the random-resized-crop area fraction.
-        hflip: Probability of a horizontal flip during training (True = 0.5, False = 0).
-        crop_ratio: Aspect-ratio range of the random-resized crop.
-        train_interpolation: Interpolation of the random-resized crop: "bilinear", "bicubic", "nearest" or
-            "random" (timm picks one per image).
-        auto_augment: timm augmentation policy, e.g. ``"rand-m9-mstd0.5-inc1"`` (RandAugment); None for none.
-        color_jitter: Colour-jitter factor(s); None or 0 for none (timm skips it when ``auto_augment`` is set).
-        re_prob: Probability of timm's random erasing.
-        re_mode: Random-erasing fill: "const", "rand" or "pixel".
-        re_count: Maximum number of erased boxes per image.
-
-    Returns:
-        A function mapping one PIL image to ``{"pixel_values": ..., "teacher_pixel_values": ...}``.
+    The shorter side resized to ``size / crop_pct`` (aspect ratio kept, the view's interpolation), then the centre
+    crop at the view's size, as timm's ``create_transform(is_training=False)`` (the official code's validation and
+    the model card's snippet). Scaling and normalisation happen on the device (:func:`make_view`).
     """
-    if train:
-        from .augment import build_train_augmentation
-
-        return build_train_augmentation(
-            student_view,
-            teacher_view,
-            min_crop_scale=min_crop_scale,
-            crop_ratio=crop_ratio,
-            hflip=hflip,
-            train_interpolation=train_interpolation,
-            auto_augment=auto_augment,
-            color_jitter=color_jitter,
-            re_prob=re_prob,
-            re_mode=re_mode,
-            re_count=re_count,
-        )
     from timm.data import create_transform
 
-    def evaluation(view: ImageView) -> Callable:
-        # timm's evaluation transform (as the official code's validation and the model card's snippet): the
-        # shorter side resized to size / crop_pct (aspect ratio kept), then the centre crop, the view's statistics.
-        return create_transform(
-            input_size=(3, *view.size),
-            is_training=False,
-            interpolation=view.interpolation,
-            mean=tuple(view.mean),
-            std=tuple(view.std),
-            crop_pct=view.crop_pct,
-        )
+    geometry = create_transform(
+        input_size=(3, *view.size),
+        is_training=False,
+        interpolation=view.interpolation,
+        mean=tuple(view.mean),
+        std=tuple(view.std),
+        crop_pct=view.crop_pct,
+        use_prefetcher=True,  # timm's own "no tensor conversion, no normalisation" switch
+    )
+    # Keep timm's geometric steps (resize, crop); our conversion replaces its trailing ToNumpy / PILToTensor.
+    steps = [
+        t for t in getattr(geometry, "transforms", [geometry]) if not type(t).__name__.endswith(("Numpy", "Tensor"))
+    ]
 
-    student_eval = evaluation(student_view)
-    # With a teacher view, evaluation batches carry the teacher's own view of each image (for eval_loss_kd):
-    # its resize and centre crop from the original image, not a resize of the student's crop.
-    teacher_eval = evaluation(teacher_view) if teacher_view is not None else None
-
-    def transform(image: Any) -> dict[str, torch.Tensor]:
+    def transform(image: Any) -> torch.Tensor:
         image = image.convert("RGB")
-        out = {"pixel_values": student_eval(image)}
-        if teacher_eval is not None:
-            out["teacher_pixel_values"] = teacher_eval(image)
-        return out
+        for step in steps:
+            image = step(image)
+        return pil_to_uint8(image)
 
+    transform.timm_steps = steps  # for inspection (tests, debugging)
     return transform

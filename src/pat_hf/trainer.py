@@ -9,18 +9,20 @@ are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :c
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .checkpointing import CheckpointMixin
 from .compile import CompileMixin
 from .configuration import PATTrainingArguments
-from .data import collate_images, prepared_views
+from .data import PerSampleSeededDataset, collate_images, prepared_info, prepared_views
 from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
 from .loss_guard import LossGuard
@@ -33,6 +35,30 @@ from .teacher import Teacher
 from .validation import check_dataset_labels
 
 __all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+def single_process_loading_warning(num_workers: int, device_type: str) -> str | None:
+    """The warning for a GPU run that loads its data in the training process (``dataloader_num_workers=0``)."""
+    if num_workers or device_type != "cuda":
+        return None
+    return (
+        "dataloader_num_workers=0 on a GPU: images are decoded and augmented in the training process, between "
+        "steps, which usually leaves the GPU waiting. Set --dataloader_num_workers (about the number of CPU cores "
+        "per GPU; docs/benchmarks.md says how many a step rate needs)."
+    )
+
+
+class _AugmentationEpoch(TrainerCallback):
+    """Tells a :class:`~pat_hf.data.PerSampleSeededDataset` the epoch at the start of each epoch: accelerate's
+    ``set_epoch`` reaches the dataset only when no sampler takes it (not under DDP's sharded sampler)."""
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        dataset = getattr(kwargs.get("train_dataloader"), "dataset", None)
+        if isinstance(dataset, PerSampleSeededDataset):
+            # state.epoch is the progress so far: an integer at an epoch start, a fraction when resuming mid-epoch.
+            dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
 
 class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
@@ -170,6 +196,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         }
         num_classes = len(self.class_names) if self.class_names else student_num_classes(wrapper.student)
         self._setup_recipe(num_classes, wrapper.method.label_smoothing)
+        self.add_callback(_AugmentationEpoch())
+        self._warn_single_process_loading()
 
     # ---- convenience -------------------------------------------------------------------------------------
 
@@ -177,6 +205,12 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
     def student(self) -> nn.Module:
         """The student being trained (unwrapped)."""
         return self.accelerator.unwrap_model(self.model).student
+
+    @property
+    def augmentation(self) -> Any:
+        """The training data's :class:`~pat_hf.augment.AugmentationConfig` (None for data not prepared by
+        :func:`pat_hf.with_image_transforms`)."""
+        return (prepared_info(self.train_dataset) or {}).get("augmentation")
 
     @property
     def method(self) -> nn.Module:
@@ -196,6 +230,28 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             skip |= {f"student.{name}" for name in student.no_weight_decay()}
         return [name for name in names if name not in skip]
 
+    # ---- data ------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Trainer's loader; training data prepared by :func:`pat_hf.with_image_transforms` with per-sample seeding
+        (the default) is read through :class:`~pat_hf.data.PerSampleSeededDataset`, so every sample's augmentation
+        is drawn from (``seed``, epoch, sample index) whatever the worker count or the resume point."""
+        augmentation = self.augmentation
+        if augmentation is None or not augmentation.per_sample_seed:
+            return super().get_train_dataloader()
+        original = self.train_dataset
+        # Trainer builds its loader (sampler, workers, accelerate's sharding) from self.train_dataset.
+        self.train_dataset = PerSampleSeededDataset(original, self.args.seed)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = original
+
+    def _warn_single_process_loading(self) -> None:
+        message = single_process_loading_warning(self.args.dataloader_num_workers, self.args.device.type)
+        if message:
+            logger.warning(message)
+
     # ---- loss --------------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -205,6 +261,9 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Each model's view from the uint8 batch, on the device (resize, normalisation, random erasing), before
+        # Mixup / CutMix; float batches built by hand pass through.
+        inputs = self.accelerator.unwrap_model(model).make_views(inputs)
         if model.training:
             # Schedules of the loss (DKD's warm-up) follow the trainer state, so resuming restores them exactly.
             self.method.set_progress(float(self.state.epoch or 0.0))

@@ -84,9 +84,17 @@ def build_trainer(scenario: dict[str, Any], workdir: str, world_size: int) -> tu
     student = create_student("test_vit", num_classes=3, img_size=16)
     teacher = tiny_teacher("vit")
     view = ImageView.from_timm(student)
-    # train=False transforms: the same deterministic pixels for every run (random crops would be drawn from
-    # each process's own RNG, so 1 and 2 processes would see different augmentations).
-    train = with_image_transforms(make_image_dataset(n=TRAIN_SIZE), view, load_teacher(teacher).view, train=False)
+    # Augmented training data: every draw (crop, flip, RandAugment, erasing box and fill) is seeded per sample
+    # from (seed, epoch, index), so 1 and 2 processes see the same pixels, in both epochs (under DDP the epoch
+    # reaches the data through the trainer's callback, not accelerate's sampler).
+    train = with_image_transforms(
+        make_image_dataset(n=TRAIN_SIZE),
+        view,
+        load_teacher(teacher).view,
+        train=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        re_prob=0.5,
+    )
     evaluation = with_image_transforms(make_image_dataset(n=EVAL_SIZE, seed=1), view, None, train=False)
     overrides = dict(
         distill_method=method,
