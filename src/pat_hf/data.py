@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .dataset_shapes import as_pil_image, check_no_missing_images, check_split, is_iterable_dataset
 from .errors import DatasetError, ImageLoadError, LabelError
+from .images import to_rgb
 from .preprocessing import ImageView, build_image_transforms
 from .teacher import normalise_class_name
 
@@ -179,7 +181,8 @@ def prepared_info(dataset: Any) -> dict[str, Any] | None:
     ``class_names``; None for data prepared otherwise."""
     fmt = getattr(dataset, "format", None)
     transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
-    info = getattr(transform, "pat_hf", None)
+    # A streamed (IterableDataset) one carries it as an attribute, lost by its shuffle() / take().
+    info = getattr(transform, "pat_hf", None) or getattr(dataset, "pat_hf_info", None)
     return info if isinstance(info, dict) else None
 
 
@@ -261,7 +264,9 @@ def with_image_transforms(
     :class:`pat_hf.errors.ImageLoadError` naming its file (or its row).
 
     Args:
-        dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
+        dataset: A `datasets.Dataset` or ``IterableDataset`` (streaming) with an image column and a label column.
+            Images may be PIL images of any mode (:func:`pat_hf.images.to_rgb`), arrays, file paths or bytes
+            (:mod:`pat_hf.dataset_shapes`).
         student_view: The student's view (``trainer``-independent: see :meth:`ImageView.from_timm`).
         teacher_view: The teacher's view; None without a teacher. In evaluation it adds the teacher's own view
             of each image (``teacher_pixel_values``, for ``eval_loss_kd``).
@@ -283,7 +288,10 @@ def with_image_transforms(
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
+    check_split(dataset)
     check_columns(dataset, image_column, label_column)
+    check_no_missing_images(dataset, image_column)
+    streaming = is_iterable_dataset(dataset)
     transform = build_image_transforms(
         student_view,
         teacher_view,
@@ -317,13 +325,14 @@ def with_image_transforms(
     encode = _label_encoder(info)
 
     def load(value: Any) -> Any:
-        if decoder is None:
-            return value
+        if decoder is None or value is None:
+            # Arrays, paths, bytes ... (dataset_shapes); a missing image is refused naming the column.
+            return as_pil_image(value, image_column)
         try:
             return decoder.decode_example(value)
         except Exception as err:
             where = f"file {value['path']!r}" if isinstance(value, dict) and value.get("path") else None
-            if where is None and raw is not None:
+            if where is None and raw is not None and not streaming:
                 row = _find_row(raw.with_format(None), image_column, value)
                 where = f"row {row}" if row is not None else "a row"
             raise ImageLoadError(
@@ -333,7 +342,7 @@ def with_image_transforms(
 
     def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"pixel_values": []}
-        views = [transform(load(image)) for image in batch[image_column]]
+        views = [transform(to_rgb(load(image))) for image in batch[image_column]]
         out["pixel_values"] = [v["pixel_values"] for v in views]
         if views and "teacher_pixel_values" in views[0]:
             out["teacher_pixel_values"] = [v["teacher_pixel_values"] for v in views]
@@ -342,6 +351,12 @@ def with_image_transforms(
         return out
 
     apply.pat_hf = info
+    if streaming:
+        # Streaming: no set_transform; the same function runs lazily, batch by batch, as the data is read.
+        drop = [image_column] + ([label_column] if label_column and label_column != "labels" else [])
+        dataset = dataset.map(apply, batched=True, remove_columns=drop)
+        dataset.pat_hf_info = info
+        return dataset
     dataset = dataset.with_transform(apply)
     return dataset
 

@@ -21,18 +21,20 @@ from .checkpointing import CheckpointMixin
 from .compile import CompileMixin
 from .configuration import PATTrainingArguments
 from .data import collate_images, prepared_views
+from .dataset_shapes import check_split, is_iterable_dataset
 from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
 from .loss_guard import LossGuard
 from .metrics import build_compute_metrics
 from .modeling import build_distillation_model, resolve_teacher
 from .output_dir import RunLock, check_output_dir, source_dirs
+from .progress_check import StudentGradientCallback, StudentUnchangedError, parameter_fingerprint, why_unchanged
 from .recipe_mixin import RecipeMixin
 from .student import student_num_classes, student_source
 from .teacher import Teacher
 from .validation import check_dataset_labels
 
-__all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
+__all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer", "StudentUnchangedError"]
 
 
 class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, RecipeMixin, Trainer):
@@ -107,8 +109,16 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             )
         if model is None:
             raise ValueError("model= (the student) is required: a timm model or a timm name / hf-hub: / local-dir: id.")
-        # Before anything is built: the teacher (checked against the view the data was prepared with), then the
-        # labels (type and range, from the label column alone; they may name the classes).
+        # Before anything is built: one split each (not a DatasetDict), the teacher (checked against the view the
+        # data was prepared with), then the labels (type and range, from the label column alone; they may name the
+        # classes).
+        check_split(train_dataset, "training dataset")
+        check_split(eval_dataset, "evaluation dataset")
+        if is_iterable_dataset(train_dataset) and args.max_steps <= 0:
+            raise ValueError(
+                "The training dataset is an IterableDataset (streaming), which has no length: set max_steps "
+                "(--max_steps), the number of optimizer steps to train, instead of num_train_epochs."
+            )
         views = prepared_views(train_dataset, eval_dataset)
         teacher = resolve_teacher(
             args,
@@ -164,6 +174,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             # needs to live on this process's device.
             self.teacher.to(self.args.device)
         self._loss_guard = LossGuard(self.args, self.accelerator)
+        # A loss that does not depend on the student stops the run at its first optimizer step (progress_check).
+        self.add_callback(StudentGradientCallback(self.args))
         self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -275,6 +287,12 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         lock.acquire()
         try:
             resume = self._check_checkpoints_before_train(resume_from_checkpoint)
+            if not any(p.requires_grad for p in self.student.parameters()):
+                raise StudentUnchangedError(
+                    "The student has no trainable parameter (every one has requires_grad=False): training cannot "
+                    "change it. Unfreeze the parameters to train (student.requires_grad_(True))."
+                )
+            before = parameter_fingerprint(self.student)
             self._claim_output_dir(run_dir)
             output = super().train(
                 resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
@@ -282,4 +300,11 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         finally:
             lock.release()
         self._sync_buffers_from_main_process()
+        # Nothing exported as distilled unless the student changed (the settings that train nothing are refused
+        # earlier; this is what slips through: a schedule at 0 throughout, a custom optimizer without the student).
+        if torch.equal(before, parameter_fingerprint(self.student)):
+            raise StudentUnchangedError(
+                f"Training ran {self.state.global_step} steps but the student's weights did not change "
+                f"({why_unchanged(self.args)}). Not exported: nothing was distilled."
+            )
         return output

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import check_not_empty, dataset_class_names, prepared_info
+from .dataset_shapes import is_iterable_dataset
 from .errors import ConfigValueError, LabelError
 from .teacher import Teacher, normalise_class_name
 
@@ -64,6 +65,8 @@ def _column(dataset: Any, column: str) -> Any:
     """The label column as a pyarrow array (no image is decoded), or None for data that is not a `datasets`
     Dataset."""
     if not hasattr(dataset, "with_format") or column not in (getattr(dataset, "column_names", None) or []):
+        return None
+    if is_iterable_dataset(dataset):  # streaming: reading the labels would read the whole dataset
         return None
     return dataset.with_format("arrow")[column]
 

@@ -1,0 +1,85 @@
+"""Did the student train? Checks that a run which cannot change the student stops instead of exporting it as
+distilled.
+
+The settings that train nothing (a learning rate of 0, every loss weight 0, no step) are refused by
+:class:`~pat_hf.PATTrainingArguments`; what only shows at run time is caught here, cheaply:
+
+- at ``train()``'s start, a student without a trainable parameter is refused;
+- at the first optimizer step, gradients that are all zero (or absent) on the student stop the run before any
+  update: the loss does not depend on the student;
+- after training, the student's parameters are compared with a fingerprint taken at the start (a sum and a sum of
+  squares per parameter, in float64): a student that did not change is not exported as distilled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+__all__ = ["StudentGradientCallback", "StudentUnchangedError", "parameter_fingerprint", "trainable_parameters"]
+
+
+class StudentUnchangedError(RuntimeError):
+    """Training ended (or would end) with the student's weights unchanged: nothing was distilled."""
+
+
+def trainable_parameters(student: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The student's parameters the optimizer updates (``requires_grad``)."""
+    return [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def parameter_fingerprint(student: nn.Module) -> torch.Tensor:
+    """A (P, 2) float64 CPU tensor: the sum and the sum of squares of each trainable parameter. Any update of a
+    real training step changes it; it costs one pass over the weights and one small device-to-host copy."""
+    rows = [
+        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+        for _, p in trainable_parameters(student)
+    ]
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    return torch.stack([r.to("cpu") for r in rows])
+
+
+def why_unchanged(args: Any) -> str:
+    """The usual causes, with this run's values."""
+    return (
+        f"learning_rate={args.learning_rate}, ce_weight={args.ce_weight}, kd_weight={args.kd_weight}, "
+        f"distill_method={args.distill_method!r}; check the learning rate and its schedule, the loss weights, "
+        "frozen student parameters (requires_grad=False) and a custom optimizer's parameter groups"
+    )
+
+
+class StudentGradientCallback(TrainerCallback):
+    """Stops the run at its first optimizer step when no trainable student parameter has a non-zero gradient: the
+    loss does not depend on the student (all its terms weighted 0, or the student detached), so no step can train
+    it. Checked once; DeepSpeed (which keeps gradients elsewhere) is not checked."""
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.checked = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.checked = False
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.checked or model is None or getattr(args, "deepspeed", None):
+            return
+        self.checked = True
+        student = getattr(getattr(model, "module", model), "student", None)
+        if student is None:
+            return
+        params = trainable_parameters(student)
+        grads = [p.grad for _, p in params if p.grad is not None]
+        if any(bool(torch.any(g != 0)) for g in grads):
+            return
+        what = "no gradient" if not grads else "a gradient of exactly 0 everywhere"
+        raise StudentUnchangedError(
+            f"At the first optimizer step the student has {what} on its {len(params)} trainable parameters: the loss "
+            f"does not depend on the student, so training cannot change it ({why_unchanged(self.args)}). Stopped "
+            "before any update."
+        )
