@@ -77,6 +77,13 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             "or the Hub cache. The example script then also starts over instead of resuming."
         },
     )
+    hub_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a Hub push waits for a connection or for the Hub to answer before it fails with "
+            "HubPushError (huggingface_hub's own client waits forever). The local export is kept."
+        },
+    )
     # ---- OFA-KD (distill_method="ofa") ----
     ofa_epsilon: list[float] = field(
         default_factory=lambda: [1.0],
@@ -219,6 +226,8 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.hub_timeout is None or not 0 < self.hub_timeout < math.inf:
+            raise ValueError(f"hub_timeout must be > 0 seconds and finite, got {self.hub_timeout}.")
         if self.dataloader_num_workers < 0:
             raise ValueError(
                 f"dataloader_num_workers must be >= 0 (0: load in the main process), got {self.dataloader_num_workers}."

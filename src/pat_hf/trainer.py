@@ -30,6 +30,7 @@ from .modeling import build_distillation_model, resolve_teacher
 from .output_dir import RunLock, check_output_dir, source_dirs
 from .progress_check import StudentGradientCallback, StudentUnchangedError, parameter_fingerprint, why_unchanged
 from .recipe_mixin import RecipeMixin
+from .run_checks import check_batch_fits, check_student_is_classifier, check_teacher_input, check_two_models
 from .student import student_num_classes, student_source
 from .teacher import Teacher
 from .validation import check_dataset_labels
@@ -119,6 +120,14 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
                 "The training dataset is an IterableDataset (streaming), which has no length: set max_steps "
                 "(--max_steps), the number of optimizer steps to train, instead of num_train_epochs."
             )
+        check_batch_fits(train_dataset, args.per_device_train_batch_size, args.dataloader_drop_last, args.world_size)
+        check_batch_fits(
+            eval_dataset, args.per_device_eval_batch_size, args.dataloader_drop_last, args.world_size, "evaluation"
+        )
+        if isinstance(model, nn.Module):
+            check_student_is_classifier(model)
+            # Before the teacher is frozen: a student that is (or shares weights with) the teacher is refused first.
+            check_two_models(model, teacher.model if isinstance(teacher, Teacher) else teacher)
         views = prepared_views(train_dataset, eval_dataset)
         teacher = resolve_teacher(
             args,
@@ -128,6 +137,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             revision=teacher_revision,
             trust_remote_code=trust_remote_code,
         )
+        if teacher is not None:
+            check_teacher_input(teacher.model)
         class_names = check_dataset_labels(
             train_dataset,
             eval_dataset,
