@@ -2,8 +2,8 @@
 
 - a split is expected, not a ``DatasetDict`` (refused, naming its splits);
 - ``IterableDataset`` (streaming) is supported: :func:`pat_hf.data.with_image_transforms` maps it lazily;
-- an image value may be a PIL image, a numpy array or a torch tensor (HW, HWC or CHW; uint8, uint16, bool or
-  float), a file path (``str`` / ``pathlib.Path``), encoded bytes, or `datasets`' ``{"bytes", "path"}`` dict;
+- an image value may be a PIL image, a numpy array (HW or HWC) or a torch tensor (HW or CHW), of uint8, uint16,
+  bool or float values, a file path (``str`` / ``pathlib.Path``), encoded bytes, or `datasets`' ``{"bytes", "path"}`` dict;
 - a missing image (None) is refused naming the column and the rows (before training for an Arrow-backed
   dataset, when it is read for a streamed one); any other value is refused naming its type, the column and the row.
 """
@@ -80,11 +80,13 @@ def check_no_missing_images(dataset: Any, column: str, what: str = "dataset") ->
     )
 
 
-def _array_to_pil(array: np.ndarray, where: str) -> Any:
+def _array_to_pil(array: np.ndarray, where: str, channels_first: bool = False) -> Any:
     from PIL import Image
 
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # CHW (torch's layout) -> HWC
+    # CHW -> HWC: a tensor is channels-first (torch's layout) when its first axis can be channels; an array only
+    # when its last axis cannot (numpy's and PIL's layout is HWC).
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
+        array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
@@ -165,12 +167,13 @@ def as_pil_image(value: Any, column: str, row: int | None = None) -> Any:
         return _open(io.BytesIO(bytes(value)), where)
     if isinstance(value, (str, os.PathLike)):
         return _open(os.fspath(value), where)
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+    channels_first = hasattr(value, "detach") and hasattr(value, "cpu")  # a torch tensor
+    if channels_first:
         value = value.detach().cpu().numpy()
     if isinstance(value, (list, tuple)):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
-        return _array_to_pil(value, where)
+        return _array_to_pil(value, where, channels_first)
     raise ImageLoadError(
         f"The value in {where} is a {type(value).__name__}, not an image: pat_hf reads PIL images, numpy arrays / "
         "tensors, file paths, encoded bytes and datasets' {'bytes', 'path'} dicts."

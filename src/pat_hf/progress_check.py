@@ -5,8 +5,8 @@ The settings that train nothing (a learning rate of 0, every loss weight 0, no s
 :class:`~pat_hf.PATTrainingArguments`; what only shows at run time is caught here, cheaply:
 
 - at ``train()``'s start, a student without a trainable parameter is refused;
-- at the first optimizer step, gradients that are all zero (or absent) on the student stop the run before any
-  update: the loss does not depend on the student;
+- gradients that are all zero (or absent) on the student at each of the first optimizer steps stop the run: the
+  loss does not depend on the student;
 - after training, the student's parameters are compared with a fingerprint taken at the start (a sum and a sum of
   squares per parameter, in float64): a student that did not change is not exported as distilled.
 """
@@ -54,32 +54,44 @@ def why_unchanged(args: Any) -> str:
 
 
 class StudentGradientCallback(TrainerCallback):
-    """Stops the run at its first optimizer step when no trainable student parameter has a non-zero gradient: the
-    loss does not depend on the student (all its terms weighted 0, or the student detached), so no step can train
-    it. Checked once; DeepSpeed (which keeps gradients elsewhere) is not checked."""
+    """Stops the run when the student's trainable parameters have no non-zero gradient at each of the first
+    ``steps`` optimizer steps: the loss does not depend on the student (all its terms weighted 0, or the student
+    detached), so no step can train it. Several steps, because a loss term may start at 0 and rise (DKD's
+    warm-up); a zero gradient changes no weight meanwhile. DeepSpeed (gradients kept elsewhere) is not checked.
 
-    def __init__(self, args: Any) -> None:
+    Args:
+        args: The run's arguments (named in the message).
+        steps: Optimizer steps without gradient before the run stops.
+    """
+
+    def __init__(self, args: Any, steps: int = 3) -> None:
         self.args = args
-        self.checked = False
+        self.steps = steps
+        self.zero_steps = 0
+        self.done = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.checked = False
+        self.zero_steps, self.done = 0, False
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.checked or model is None or getattr(args, "deepspeed", None):
+        if self.done or model is None or getattr(args, "deepspeed", None):
             return
-        self.checked = True
         student = getattr(getattr(model, "module", model), "student", None)
         if student is None:
+            self.done = True
             return
         params = trainable_parameters(student)
         grads = [p.grad for _, p in params if p.grad is not None]
         if any(bool(torch.any(g != 0)) for g in grads):
+            self.done = True  # the loss reaches the student: checked once and for all
+            return
+        self.zero_steps += 1
+        if self.zero_steps < self.steps:
             return
         what = "no gradient" if not grads else "a gradient of exactly 0 everywhere"
         raise StudentUnchangedError(
-            f"At the first optimizer step the student has {what} on its {len(params)} trainable parameters: the loss "
-            f"does not depend on the student, so training cannot change it ({why_unchanged(self.args)}). Stopped "
-            "before any update."
+            f"At each of the first {self.steps} optimizer steps the student had {what} on its {len(params)} trainable "
+            f"parameters: the loss does not depend on the student, so training cannot change it "
+            f"({why_unchanged(self.args)}). Stopped at step {state.global_step + 1}, before its update."
         )
