@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if training_args.do_predict:
         raise ValueError("--do_predict is not supported by this script: run trainer.predict() on the exported model.")
+    if training_args.push_to_hub and not training_args.do_train:
+        raise ValueError(
+            "--push_to_hub without --do_train would push a student this run did not train, as distilled. Add "
+            "--do_train, or push an earlier run's export (trainer.push_to_hub() after training, or `hf upload`)."
+        )
     student_kwargs = json_argument(model_args.student_kwargs, "--student_kwargs")
     student_cfg = json_argument(model_args.student_pretrained_cfg, "--student_pretrained_cfg")
     for key, flag in (

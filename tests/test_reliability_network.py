@@ -127,6 +127,7 @@ def check_report(report: dict, endpoint: str, cause: str) -> None:
     assert {"config.json", "model.safetensors", "README.md"} <= set(report["files"])
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_never_answers_times_out(tmp_path):
     server = SilentServer()
     try:
@@ -137,6 +138,7 @@ def test_an_endpoint_that_never_answers_times_out(tmp_path):
     assert server.connections, "the client never reached the silent endpoint"
 
 
+@pytest.mark.slow
 def test_a_refused_connection_names_the_endpoint_and_the_repo(tmp_path):
     endpoint = refused_url()
     report = push_against(endpoint, tmp_path)

@@ -139,10 +139,24 @@ def test_a_frozen_student_is_refused_at_train_start(tmp_path):
         trainer(tmp_path, model=model).train()
 
 
-def test_a_run_that_trains_passes_the_checks(tmp_path):
+def test_a_run_that_trains_passes_the_checks_and_its_card_says_distilled(tmp_path):
     run = trainer(tmp_path)
     run.train()
     assert run.state.global_step == 2
+    run.save_model()
+    run.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "student distilled from the teacher" in card and "Not trained" not in card
+
+
+def test_a_model_card_written_before_training_does_not_claim_distillation(tmp_path, caplog):
+    run = trainer(tmp_path)
+    run.save_model()
+    with caplog.at_level(logging.WARNING):
+        run.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Not trained**" in card and "student distilled from" not in card
+    assert "before any training step" in caplog.text
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_image_classification_pat.py"
@@ -180,6 +194,7 @@ def script_args(out, *extra):
             r"--student_kwargs sets 'num_classes', which the script already sets from the dataset's labels",
         ),
         (["--do_train", "--student_kwargs", '{"pretrained": true}'], r"sets 'pretrained'.*--student_pretrained"),
+        (["--do_eval", "--push_to_hub"], r"--push_to_hub without --do_train would push a student this run did not"),
     ],
 )
 def test_the_script_refuses_to_do_nothing_and_arguments_set_twice(script, tmp_path, flags, pattern):
@@ -218,6 +233,28 @@ def test_a_teacher_with_a_duplicated_class_name_is_refused_at_trainer_init(tmp_p
     base = make_image_dataset(n=6, size=16, names=names)
     with pytest.raises(LabelError, match=r"'crane' \(classes 1, 3\)"):
         trainer(tmp_path, teacher=teacher, data=with_image_transforms(base, VIEW, VIEW, train=True))
+
+
+def test_names_equal_up_to_unicode_form_are_one_name():
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert match_classes(["tea", composed], 2, [decomposed, "tea"], 2).tolist() == [1, 0]
+    with pytest.raises(LabelError, match=r"dataset names classes alike"):
+        match_classes(["tea", composed], 2, [decomposed, composed], 2)
+
+
+def test_integer_labels_read_as_the_teachers_classes_are_named_in_a_warning(caplog):
+    teacher = tiny_teacher(
+        "vit", num_labels=5, id2label={0: "tench", 1: "goldfish", 2: "shark", 3: "hen", 4: "ostrich"}
+    )
+    from pat_hf import load_teacher
+
+    data = datasets.Dataset.from_dict({"image": list(make_image_dataset(n=4, size=8)["image"]), "label": [0, 1, 2, 1]})
+    with caplog.at_level(logging.WARNING):
+        space = resolve_labels(data, teacher=load_teacher(teacher))
+    assert space.num_classes == 5
+    assert (
+        "read as the teacher's class indices, among its 5 classes (0='tench', 1='goldfish', 2='shark')" in caplog.text
+    )
 
 
 def string_labels(labels):
@@ -309,6 +346,7 @@ def test_palette_images_with_and_without_transparency():
         (Image.fromarray(np.array([[-1.0, 5.0]], dtype=np.float32)), r"mode 'F' .*-1\.\.5.*neither \[0, 1\] nor"),
         (Image.fromarray(np.array([[np.nan, 0.5]], dtype=np.float32)), r"mode 'F' .*NaN"),
         (Image.fromarray(np.array([[-5, 70000]], dtype=np.int32)), r"mode 'I' .*-5\.\.70000"),
+        (Image.new("RGB", (0, 3)), r"is empty \(0x3 pixels\)"),
     ],
 )
 def test_modes_without_a_faithful_rgb_image_are_refused_naming_the_mode(image, pattern):
@@ -429,6 +467,29 @@ def test_a_dataset_dict_is_refused_naming_its_splits(tmp_path):
         )
 
 
+def test_what_with_image_transforms_cannot_prepare_is_refused():
+    images = list(make_image_dataset(n=2, size=8)["image"])
+    with pytest.raises(DatasetError, match=r"takes a datasets.Dataset or IterableDataset, got list"):
+        with_image_transforms([{"image": im, "label": 0} for im in images], VIEW, train=True)
+    torch_data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(DatasetError, match=r"got TensorDataset"):
+        with_image_transforms(torch_data, VIEW, train=True)
+    # Streamed rows whose columns were not known beforehand: the missing column is named when read.
+    generated = datasets.IterableDataset.from_generator(lambda: iter([{"img": images[0], "label": 0}]))
+    with pytest.raises(DatasetError, match=r"no column \['image'\]; its rows hold \['img', 'label'\]"):
+        list(with_image_transforms(generated, VIEW, train=False))
+
+
+def test_raw_images_given_to_the_trainer_are_refused_before_training(tmp_path):
+    raw = make_image_dataset(n=8, size=16)
+    with pytest.raises(DatasetError, match=r"training dataset has no 'pixel_values' \(its columns are \['image', 'l"):
+        trainer(tmp_path, data=raw)
+    own = raw.with_transform(
+        lambda b: {"pixel_values": [torch.zeros(3, 16, 16) for _ in b["image"]], "labels": b["label"]}
+    )
+    assert trainer(tmp_path, data=own).train_dataset is own  # a transform of the user's own is trusted
+
+
 # ---- 7. checkpoints without their file list ------------------------------------------------------------------------
 
 
@@ -465,6 +526,18 @@ def test_a_checkpoint_without_its_file_list_is_skipped_like_a_broken_one(tmp_pat
     assert resumed.state.global_step == 6
 
 
+def test_a_newest_checkpoint_holding_only_weights_is_skipped(tmp_path, two_checkpoints, caplog):
+    newest = two_checkpoints / "checkpoint-4"
+    for item in newest.iterdir():
+        if item.name != "model.safetensors":
+            item.unlink()
+    resumed = trainer(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)
+    assert "Not resuming from" in caplog.text and FILE_LIST_NAME in caplog.text
+    assert resumed.state.global_step == 6
+
+
 def test_only_a_0_1_manifest_makes_a_missing_file_list_legacy(two_checkpoints):
     checkpoint = two_checkpoints / "checkpoint-2"
     (checkpoint / FILE_LIST_NAME).unlink()
@@ -493,6 +566,7 @@ def test_only_a_0_1_manifest_makes_a_missing_file_list_legacy(two_checkpoints):
         ({"dataloader_num_workers": -1}, r"dataloader_num_workers must be >= 0"),
         ({"output_dir": ""}, r"output_dir is empty"),
         ({"hub_timeout": 0}, r"hub_timeout must be > 0"),
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*32 - 1\]"),
     ],
 )
 def test_loop_settings_are_refused_by_the_arguments(tmp_path, overrides, pattern):

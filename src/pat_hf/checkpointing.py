@@ -89,7 +89,8 @@ class CheckpointMixin:
                 raise CheckpointError(f"resume_from_checkpoint=True but {run_dir!r} holds no checkpoint-N folder.")
             broken = []
             for path in candidates:
-                problems = verify_checkpoint(path) if os.path.isfile(os.path.join(path, MANIFEST_NAME)) else []
+                # A folder without file list (or manifest) is an incomplete copy, unless pat_hf 0.1 wrote it.
+                problems = verify_checkpoint(path)
                 if problems:
                     logger.warning("Not resuming from %s: %s", path, "; ".join(problems[:3]))
                     broken.append(f"{os.path.basename(path)}: {problems[0]}")
@@ -185,6 +186,9 @@ class CheckpointMixin:
         if self.args.should_save:
             _replace_dir(staged, final)
             shutil.rmtree(staging, ignore_errors=True)
+            if getattr(self, "_deferred_checkpoint_push", False):
+                self._deferred_checkpoint_push = False
+                self._push_from_checkpoint(final)  # complete now, file list included (HubPushMixin)
             self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
         # Nodes without a shared file system hold their own ranks' RNG states: each node's first process

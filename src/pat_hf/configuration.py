@@ -226,6 +226,10 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name, None)
+            if value is not None and not 0 <= value < 2**32:
+                raise ValueError(f"{name} must be in [0, 2**32 - 1] (numpy's seed range), got {value}.")
         if self.hub_timeout is None or not 0 < self.hub_timeout < math.inf:
             raise ValueError(f"hub_timeout must be > 0 seconds and finite, got {self.hub_timeout}.")
         if self.dataloader_num_workers < 0:

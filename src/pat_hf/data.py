@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .dataset_shapes import as_pil_image, check_no_missing_images, check_split, is_iterable_dataset
+from .dataset_shapes import as_pil_image, check_no_missing_images, check_transformable, is_iterable_dataset
 from .errors import DatasetError, ImageLoadError, LabelError
 from .images import to_rgb
 from .preprocessing import ImageView, build_image_transforms
@@ -288,7 +288,7 @@ def with_image_transforms(
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
-    check_split(dataset)
+    check_transformable(dataset)
     check_columns(dataset, image_column, label_column)
     check_no_missing_images(dataset, image_column)
     streaming = is_iterable_dataset(dataset)
@@ -342,6 +342,9 @@ def with_image_transforms(
 
     def apply(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"pixel_values": []}
+        missing = [c for c in (image_column, label_column) if c and c not in batch]
+        if missing:  # a streamed dataset whose columns were not known beforehand
+            raise DatasetError(f"The dataset has no column {missing}; its rows hold {sorted(batch)}.")
         views = [transform(to_rgb(load(image))) for image in batch[image_column]]
         out["pixel_values"] = [v["pixel_values"] for v in views]
         if views and "teacher_pixel_values" in views[0]:

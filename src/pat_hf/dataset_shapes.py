@@ -18,7 +18,14 @@ import numpy as np
 
 from .errors import DatasetError, ImageLoadError
 
-__all__ = ["as_pil_image", "check_no_missing_images", "check_split", "is_iterable_dataset"]
+__all__ = [
+    "as_pil_image",
+    "check_no_missing_images",
+    "check_prepared",
+    "check_split",
+    "check_transformable",
+    "is_iterable_dataset",
+]
 
 
 def is_iterable_dataset(dataset: Any) -> bool:
@@ -28,6 +35,23 @@ def is_iterable_dataset(dataset: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a dependency
         return False
     return isinstance(dataset, IterableDataset)
+
+
+def check_transformable(dataset: Any) -> None:
+    """Refuses what :func:`pat_hf.data.with_image_transforms` cannot attach a transform to (a torch ``Dataset``,
+    a list), saying how to make it a `datasets` one.
+
+    Raises:
+        DatasetError: Naming the type.
+    """
+    check_split(dataset)
+    if hasattr(dataset, "with_transform") or is_iterable_dataset(dataset):
+        return
+    raise DatasetError(
+        f"with_image_transforms takes a datasets.Dataset or IterableDataset, got {type(dataset).__name__}. Build one "
+        "(datasets.Dataset.from_list / from_dict / from_generator, or IterableDataset.from_generator), or give the "
+        "trainer your own dataset yielding 'pixel_values' (and 'teacher_pixel_values', 'labels') tensors."
+    )
 
 
 def check_split(dataset: Any, what: str = "dataset") -> None:
@@ -119,14 +143,14 @@ def _array_to_pil(array: np.ndarray, where: str, channels_first: bool = False) -
 
 
 def _open(source: Any, where: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         image = Image.open(source)
         image.load()
     except FileNotFoundError as err:
         raise ImageLoadError(f"The image file {str(source)!r} of {where} does not exist.") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except Exception as err:  # PIL's errors vary by format (UnidentifiedImageError, OSError, SyntaxError, bombs)
         name = f"file {str(source)!r}" if not isinstance(source, io.BytesIO) else "bytes"
         raise ImageLoadError(
             f"Cannot read the image {name} in {where} ({type(err).__name__}: {err}). It is truncated or not an "
@@ -177,4 +201,32 @@ def as_pil_image(value: Any, column: str, row: int | None = None) -> Any:
     raise ImageLoadError(
         f"The value in {where} is a {type(value).__name__}, not an image: pat_hf reads PIL images, numpy arrays / "
         "tensors, file paths, encoded bytes and datasets' {'bytes', 'path'} dicts."
+    )
+
+
+def check_prepared(dataset: Any, what: str, info: Any) -> None:
+    """With the default collator, the data must yield ``pixel_values``: a `datasets` dataset of raw images that was
+    not prepared (no :func:`pat_hf.data.with_image_transforms`, no transform of its own) is refused before training
+    instead of failing at the first batch with ``KeyError: 'pixel_values'``.
+
+    Args:
+        dataset: The training or evaluation dataset.
+        what: "training" or "evaluation", for the message.
+        info: What with_image_transforms recorded on it (:func:`pat_hf.data.prepared_info`), or None.
+
+    Raises:
+        DatasetError: Naming the columns and the fix.
+    """
+    if dataset is None or info is not None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    fmt = getattr(dataset, "format", None)
+    if not isinstance(columns, list) or "pixel_values" in columns:
+        return
+    if isinstance(fmt, dict) and fmt.get("type") == "custom":  # a transform of the user's own
+        return
+    raise DatasetError(
+        f"The {what} dataset has no 'pixel_values' (its columns are {columns}) and no transform that makes them: "
+        "prepare it with pat_hf.with_image_transforms(dataset, student_view, teacher_view, train=...), or pass a "
+        "data_collator that builds the batch from these columns."
     )

@@ -195,6 +195,7 @@ class HubPushMixin:
             repo_id=args.hub_model_id,
             library_name="timm" if is_timm_model(student) else "transformers",
             model_class=self.accelerator.unwrap_model(self.model).student_model_class,
+            trained=bool(self.state is not None and self.state.global_step > 0),
         )
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:
@@ -202,6 +203,11 @@ class HubPushMixin:
         wrapper lacks)."""
         if not self.is_world_process_zero():
             return
+        if self.state is None or not self.state.global_step:
+            logger.warning(
+                "The model card of %s is written before any training step: it says the student is not trained.",
+                self.args.output_dir,
+            )
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(render_model_card(self.model_card_info(model_name=model_name, dataset=dataset)))
@@ -283,6 +289,11 @@ class HubPushMixin:
         from transformers.utils.hub import PushInProgress
 
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if getattr(self, "_staging_dir", None) is not None:
+            # Trainer pushes from inside its save, while the checkpoint is still staged without its file list
+            # (a pushed checkpoint without it would not resume): CheckpointMixin pushes it once it is complete.
+            self._deferred_checkpoint_push = True
             return
         # As Trainer: skip this push while the previous one is still uploading, unless hub_always_push.
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():

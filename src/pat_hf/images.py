@@ -131,6 +131,8 @@ def to_rgb(image: Any, *, background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     if not isinstance(image, Image.Image):
         raise ImageLoadError(f"Expected a PIL image{_describe(where)}, got {type(image).__name__}.")
     mode = image.mode
+    if 0 in image.size:
+        raise ImageLoadError(f"Image{_describe(where)} is empty ({image.size[0]}x{image.size[1]} pixels).")
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT or mode == "I":

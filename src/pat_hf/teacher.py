@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,8 +176,9 @@ def model_label_names(model: nn.Module) -> list[str] | None:
 
 
 def normalise_class_name(name: str) -> str:
-    """Class names compare equal ignoring case, spaces, ``_`` and ``-``."""
-    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+    """Class names compare equal ignoring case, spaces, ``_`` and ``-`` (and Unicode's equivalent spellings:
+    composed or decomposed accents, full-width letters)."""
+    return re.sub(r"[\s_\-]+", " ", unicodedata.normalize("NFKC", str(name)).strip().casefold())
 
 
 _normalise = normalise_class_name

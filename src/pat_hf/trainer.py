@@ -20,8 +20,8 @@ from transformers import Trainer
 from .checkpointing import CheckpointMixin
 from .compile import CompileMixin
 from .configuration import PATTrainingArguments
-from .data import collate_images, prepared_views
-from .dataset_shapes import check_split, is_iterable_dataset
+from .data import collate_images, prepared_info, prepared_views
+from .dataset_shapes import check_prepared, check_split, is_iterable_dataset
 from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
 from .loss_guard import LossGuard
@@ -115,6 +115,9 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         # classes).
         check_split(train_dataset, "training dataset")
         check_split(eval_dataset, "evaluation dataset")
+        if data_collator is None:
+            check_prepared(train_dataset, "training", prepared_info(train_dataset))
+            check_prepared(eval_dataset, "evaluation", prepared_info(eval_dataset))
         if is_iterable_dataset(train_dataset) and args.max_steps <= 0:
             raise ValueError(
                 "The training dataset is an IterableDataset (streaming), which has no length: set max_steps "

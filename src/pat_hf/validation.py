@@ -168,6 +168,19 @@ def resolve_labels(
             f"The labels in {where} go up to {high}, but there are {count} classes ({source}), numbered 0 to "
             f"{count - 1}: {hint}."
         )
+    if source.startswith("the teacher's") and high + 1 < count:
+        # Integer labels are read as the teacher's class indices: right for data labelled like the teacher,
+        # silently wrong for another dataset's numbering. Say which classes they are taken to be.
+        shown = ", ".join(f"{i}={n!r}" for i, n in enumerate((names or [])[: min(high + 1, 5)]))
+        logger.warning(
+            "The integer labels of %s (0 to %d) are read as the teacher's class indices, among its %d classes (%s%s). "
+            "If they number other classes, give class_names= (or cast the column to a datasets.ClassLabel).",
+            where,
+            high,
+            count,
+            shown,
+            " ..." if high + 1 > 5 else "",
+        )
     return LabelSpace(names, count, "class_label" if feature_names else "int", source)
 
 
