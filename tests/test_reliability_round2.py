@@ -133,6 +133,16 @@ def test_a_student_that_did_not_change_is_not_exported_as_distilled(tmp_path):
         run.train()
 
 
+def test_resuming_a_finished_run_is_not_mistaken_for_an_untrained_one(tmp_path):
+    run = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    run.train()
+    # The same trainer and a fresh one resume at the last step: no step to run, weights from training.
+    run.train(resume_from_checkpoint=True)
+    again = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 2
+
+
 def test_a_frozen_student_is_refused_at_train_start(tmp_path):
     model = student().requires_grad_(False)
     with pytest.raises(StudentUnchangedError, match=r"no trainable parameter"):

@@ -46,6 +46,7 @@ from .ema import EMA_WEIGHTS_NAME, find_model_ema
 from .errors import CheckpointError, OutputDirError
 from .export import SAFE_WEIGHTS_NAME, export_student, load_student_weights
 from .output_dir import MARKER_NAME, check_output_dir, read_marker, write_marker
+from .progress_check import parameter_fingerprint
 from .student import is_timm_model, is_transformers_model, student_build_args, student_num_classes
 from .version import __version__
 
@@ -285,6 +286,8 @@ class CheckpointMixin:
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         try:
             load_student_weights(wrapper.student, resume_from_checkpoint)
+            # Did the resumed training change the student? Compared with the weights loaded here (progress_check).
+            self._student_fingerprint = parameter_fingerprint(wrapper.student)
         except (RuntimeError, OSError) as err:  # a shape mismatch, an unreadable file
             raise CheckpointError(
                 f"The student's weights in {os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)} do not load "

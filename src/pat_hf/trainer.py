@@ -9,6 +9,8 @@ are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :c
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -306,7 +308,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
                     "The student has no trainable parameter (every one has requires_grad=False): training cannot "
                     "change it. Unfreeze the parameters to train (student.requires_grad_(True))."
                 )
-            before = parameter_fingerprint(self.student)
+            self._student_fingerprint = parameter_fingerprint(self.student)  # a resume replaces it once loaded
+            start_step = _checkpoint_step(resume)
             self._claim_output_dir(run_dir)
             output = super().train(
                 resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
@@ -316,9 +319,22 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         self._sync_buffers_from_main_process()
         # Nothing exported as distilled unless the student changed (the settings that train nothing are refused
         # earlier; this is what slips through: a schedule at 0 throughout, a custom optimizer without the student).
-        if torch.equal(before, parameter_fingerprint(self.student)):
+        # A run resumed at its last step trains nothing more, and its weights come out of training already.
+        ran = self.state.global_step > start_step
+        if ran and torch.equal(self._student_fingerprint, parameter_fingerprint(self.student)):
             raise StudentUnchangedError(
-                f"Training ran {self.state.global_step} steps but the student's weights did not change "
+                f"Training ran {self.state.global_step - start_step} steps but the student's weights did not change "
                 f"({why_unchanged(self.args)}). Not exported: nothing was distilled."
             )
         return output
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a resumed run starts from (its trainer_state.json), 0 without a checkpoint."""
+    if not checkpoint:
+        return 0
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
