@@ -143,3 +143,24 @@ def test_a_refused_connection_names_the_endpoint_and_the_repo(tmp_path):
     endpoint = refused_url()
     report = push_against(endpoint, tmp_path)
     check_report(report, endpoint, "the connection failed (ConnectError")
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_server_errors_name_the_endpoint_and_the_repo(status):
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pat_hf.errors import HubPushError
+    from pat_hf.hub_push import explain_push_error
+
+    request = httpx2.Request("POST", "https://hub.example/api/models/user/student/commit/main")
+    response = httpx2.Response(status, request=request, headers={"X-Error-Message": "upstream unavailable"})
+    err = explain_push_error(
+        HfHubHTTPError("raw", response=response, server_message="upstream unavailable"),
+        "user/student",
+        "hf_x",
+        endpoint="https://hub.example",
+    )
+    assert isinstance(err, HubPushError) and err.response is response
+    assert f"'user/student' at https://hub.example: the server answered HTTP {status}" in str(err)
+    assert "upstream unavailable" in str(err) and "local export in output_dir is kept" in str(err)

@@ -55,7 +55,7 @@ def explain_push_error(
         endpoint: The Hub's URL (default ``HF_ENDPOINT``).
 
     Returns:
-        A :class:`HubPushError`, or ``err`` itself for other failures (server errors, network).
+        A :class:`HubPushError` (also for server errors, HTTP 5xx and 429), or ``err`` itself for other failures.
     """
     endpoint = endpoint or constants.ENDPOINT
     status = getattr(getattr(err, "response", None), "status_code", None)
@@ -90,6 +90,12 @@ def explain_push_error(
         message = (
             f"Cannot push to the Hub repo {repo_id!r}: it does not exist or {_token_source(token)} cannot see it "
             f"(HTTP {status}).{server} Check hub_model_id, and that the token belongs to an account with access."
+        )
+    elif status is not None and (status >= 500 or status == 429):
+        # The Hub (or a proxy in front of it) failed or throttled: nothing to fix on this side but the timing.
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r} at {endpoint}: the server answered HTTP {status}.{server} "
+            "Try again later; the local export in output_dir is kept."
         )
     else:
         return err
