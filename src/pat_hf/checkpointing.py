@@ -286,8 +286,9 @@ class CheckpointMixin:
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         try:
             load_student_weights(wrapper.student, resume_from_checkpoint)
-            # Did the resumed training change the student? Compared with the weights loaded here (progress_check).
-            self._student_fingerprint = parameter_fingerprint(wrapper.student)
+            if not getattr(self, "_loading_best_model", False):
+                # Did the resumed training change the student? Compared with the weights loaded here (progress_check).
+                self._student_fingerprint = parameter_fingerprint(wrapper.student)
         except (RuntimeError, OSError) as err:  # a shape mismatch, an unreadable file
             raise CheckpointError(
                 f"The student's weights in {os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)} do not load "
@@ -345,7 +346,11 @@ class CheckpointMixin:
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+        self._loading_best_model = True
+        try:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+        finally:
+            self._loading_best_model = False
 
     # ---- saving and export -------------------------------------------------------------------------------
 

@@ -201,7 +201,8 @@ class HubPushMixin:
             repo_id=args.hub_model_id,
             library_name="timm" if is_timm_model(student) else "transformers",
             model_class=self.accelerator.unwrap_model(self.model).student_model_class,
-            trained=bool(self.state is not None and self.state.global_step > 0),
+            trained=bool(self.state is not None and self.state.global_step > 0)
+            and not getattr(self, "_student_unchanged", False),
         )
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:
@@ -209,9 +210,9 @@ class HubPushMixin:
         wrapper lacks)."""
         if not self.is_world_process_zero():
             return
-        if self.state is None or not self.state.global_step:
+        if self.state is None or not self.state.global_step or getattr(self, "_student_unchanged", False):
             logger.warning(
-                "The model card of %s is written before any training step: it says the student is not trained.",
+                "The model card of %s says that the student is not trained: no training step changed its weights.",
                 self.args.output_dir,
             )
         os.makedirs(self.args.output_dir, exist_ok=True)

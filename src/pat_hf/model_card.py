@@ -78,8 +78,8 @@ class ModelCardInfo:
         repo_id: Hub repository id, for the usage snippets.
         library_name: ``timm`` or ``transformers`` (the student's library).
         model_class: Dotted path of the class a timm student loads with when timm's registry cannot rebuild it.
-        trained: Whether the exported weights come out of training (False: written before any training step, so
-            the card says so instead of calling the model distilled).
+        trained: Whether training changed the exported weights (False: no step ran, or none moved them; the card
+            says so instead of calling the model distilled).
     """
 
     model_name: str

@@ -7,8 +7,10 @@ The settings that train nothing (a learning rate of 0, every loss weight 0, no s
 - at ``train()``'s start, a student without a trainable parameter is refused;
 - gradients that are all zero (or absent) on the student at each of the first optimizer steps stop the run: the
   loss does not depend on the student;
-- after training, the student's parameters are compared with a fingerprint taken at the start (a sum and a sum of
-  squares per parameter, in float64): a student that did not change is not exported as distilled.
+- after training, the student's parameters are compared with a fingerprint taken at the start (or after the
+  checkpoint a resume loads): a sum and a sum of squares per parameter, in float64. A student that did not change
+  gets a loud warning, and its model card says that it is not trained (e.g. a run shorter than a warm-up whose
+  first steps have a learning rate of 0, or a custom optimizer that leaves it alone).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :c
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from .run_checks import check_batch_fits, check_student_is_classifier, check_tea
 from .student import student_num_classes, student_source
 from .teacher import Teacher
 from .validation import check_dataset_labels
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer", "StudentUnchangedError"]
 
@@ -117,9 +120,6 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         # classes).
         check_split(train_dataset, "training dataset")
         check_split(eval_dataset, "evaluation dataset")
-        if data_collator is None:
-            check_prepared(train_dataset, "training", prepared_info(train_dataset))
-            check_prepared(eval_dataset, "evaluation", prepared_info(eval_dataset))
         if is_iterable_dataset(train_dataset) and args.max_steps <= 0:
             raise ValueError(
                 "The training dataset is an IterableDataset (streaming), which has no length: set max_steps "
@@ -295,6 +295,10 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         from the checkpoint asked for (``True``: the newest complete one)."""
         self._loss_parts["train"].clear()
         self._loss_guard.reset()
+        if self.data_collator is collate_images:  # raw images would fail at the first batch (KeyError)
+            check_prepared(self.train_dataset, "training", prepared_info(self.train_dataset))
+            if not isinstance(self.eval_dataset, dict):
+                check_prepared(self.eval_dataset, "evaluation", prepared_info(self.eval_dataset))
         run_dir = self.args.output_dir
         check_output_dir(run_dir, protected=self._protected_dirs, overwrite=self.args.overwrite_output_dir)
         lock = RunLock(run_dir, owner=self.is_world_process_zero())
@@ -318,13 +322,16 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             lock.release()
         self._sync_buffers_from_main_process()
         # Nothing exported as distilled unless the student changed (the settings that train nothing are refused
-        # earlier; this is what slips through: a schedule at 0 throughout, a custom optimizer without the student).
-        # A run resumed at its last step trains nothing more, and its weights come out of training already.
+        # earlier; this is what slips through: a warm-up still at 0, a custom optimizer without the student). A
+        # run resumed at its last step trains nothing more, and its weights come out of training already.
         ran = self.state.global_step > start_step
-        if ran and torch.equal(self._student_fingerprint, parameter_fingerprint(self.student)):
-            raise StudentUnchangedError(
-                f"Training ran {self.state.global_step - start_step} steps but the student's weights did not change "
-                f"({why_unchanged(self.args)}). Not exported: nothing was distilled."
+        self._student_unchanged = ran and torch.equal(self._student_fingerprint, parameter_fingerprint(self.student))
+        if self._student_unchanged:
+            logger.warning(
+                "TRAINING DID NOT CHANGE THE STUDENT: %d steps ran but its weights are the ones it started with (%s). "
+                "Its export and model card will say that it is not trained.",
+                self.state.global_step - start_step,
+                why_unchanged(self.args),
             )
         return output
 
