@@ -23,6 +23,7 @@ __all__ = [
     "OutputDirError",
     "RunLockedError",
     "StudentLoadError",
+    "StudentUnchangedError",
     "TeacherLoadError",
 ]
 
@@ -34,6 +35,11 @@ class NonFiniteLossError(FloatingPointError):
 class DivergedLossError(FloatingPointError):
     """The training loss grew far beyond its early level (``divergence_factor``) or past ``divergence_max_loss``
     while still finite; training stops before that step's update."""
+
+
+class StudentUnchangedError(RuntimeError):
+    """The run cannot change the student: it has no trainable parameter, or its gradients stay exactly 0 (the loss
+    does not depend on it); raised before the run goes on training nothing."""
 
 
 class HubPushError(HfHubHTTPError):

@@ -21,11 +21,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .errors import StudentUnchangedError
+
 __all__ = ["StudentGradientCallback", "StudentUnchangedError", "parameter_fingerprint", "trainable_parameters"]
-
-
-class StudentUnchangedError(RuntimeError):
-    """Training ended (or would end) with the student's weights unchanged: nothing was distilled."""
 
 
 def trainable_parameters(student: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -43,7 +41,9 @@ def parameter_fingerprint(student: nn.Module) -> torch.Tensor:
     ]
     if not rows:
         return torch.zeros(0, 2, dtype=torch.float64)
-    return torch.stack([r.to("cpu") for r in rows])
+    if len({r.device for r in rows}) == 1:
+        return torch.stack(rows).cpu()  # one device-to-host copy
+    return torch.stack([r.cpu() for r in rows])
 
 
 def why_unchanged(args: Any) -> str:
