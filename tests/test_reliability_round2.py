@@ -425,6 +425,23 @@ def test_arrays_tensors_paths_and_bytes_give_the_same_pixels_as_images(tmp_path)
     assert np.array_equal(np.asarray(as_pil_image(tensor, "image")), crop)
 
 
+@pytest.mark.parametrize(
+    "array, expected",
+    [
+        (np.stack([np.full((2, 2), 100, np.uint8), np.full((2, 2), 255, np.uint8)], -1), [100, 100, 100]),  # LA
+        (np.stack([np.full((2, 2), 100, np.uint8), np.zeros((2, 2), np.uint8)], -1), [255, 255, 255]),  # clear
+        (np.ones((2, 3), bool), [255, 255, 255]),
+        (np.full((2, 3, 3), 0.5, np.float32), [128, 128, 128]),
+        (np.full((2, 3), 40000, np.uint16), [156, 156, 156]),
+        (np.full((3, 2, 5), 7, np.int64), [7, 7, 7]),  # CHW: the last axis cannot be channels
+    ],
+)
+def test_arrays_of_every_layout_and_type_give_the_right_colour(array, expected):
+    from pat_hf.dataset_shapes import as_pil_image
+
+    assert np.asarray(to_rgb(as_pil_image(array, "image")))[0, 0].tolist() == expected
+
+
 def test_a_streamed_dataset_trains_through_the_trainer(tmp_path):
     streamed = with_image_transforms(make_image_dataset(n=8, size=16).to_iterable_dataset(), VIEW, VIEW, train=True)
     run = trainer(tmp_path, data=streamed, max_steps=3)

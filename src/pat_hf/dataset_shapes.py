@@ -113,14 +113,15 @@ def _array_to_pil(array: np.ndarray, where: str, channels_first: bool = False) -
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)) or 0 in array.shape:
         raise ImageLoadError(
-            f"The array in {where} has shape {tuple(array.shape)}: an image is (H, W), (H, W, 1|3|4) or (1|3|4, H, W)."
+            f"The array in {where} has shape {tuple(array.shape)}: an image is (H, W), (H, W, 1|2|3|4) (2: grey and "
+            "alpha) or (1|3|4, H, W)."
         )
     kind = array.dtype.kind
     if kind == "b":
-        return Image.fromarray(array.astype(np.uint8) * 255)
-    if array.dtype == np.uint8:
+        array = array.astype(np.uint8) * 255
+    if array.dtype == np.uint8:  # (H, W, 2) becomes "LA", composited by to_rgb like any image with transparency
         return Image.fromarray(np.ascontiguousarray(array))
     if kind in "ui" or kind == "f":
         values = array.astype(np.float64)
