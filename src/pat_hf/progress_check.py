@@ -46,6 +46,13 @@ def parameter_fingerprint(student: nn.Module) -> torch.Tensor:
     return torch.stack([r.cpu() for r in rows])
 
 
+def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
+
+
 def why_unchanged(args: Any) -> str:
     """The usual causes, with this run's values."""
     return (
@@ -85,7 +92,8 @@ class StudentGradientCallback(TrainerCallback):
             return
         params = trainable_parameters(student)
         grads = [p.grad for _, p in params if p.grad is not None]
-        if any(bool(torch.any(g != 0)) for g in grads):
+        # One device sync for all parameters (on one device; else one per device).
+        if any(bool(torch.stack([g.ne(0).any() for g in group]).any()) for group in _by_device(grads)):
             self.done = True  # the loss reaches the student: checked once and for all
             return
         self.zero_steps += 1
