@@ -190,7 +190,7 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             # needs to live on this process's device.
             self.teacher.to(self.args.device)
         self._loss_guard = LossGuard(self.args, self.accelerator)
-        # A loss that does not depend on the student stops the run at its first optimizer step (progress_check).
+        # A loss that does not depend on the student stops the run within its first optimizer steps (progress_check).
         self.add_callback(StudentGradientCallback(self.args))
         self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
@@ -329,7 +329,7 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         if self._student_unchanged:
             logger.warning(
                 "TRAINING DID NOT CHANGE THE STUDENT: %d steps ran but its weights are the ones it started with (%s). "
-                "Its export and model card will say that it is not trained.",
+                "Its model card will say that it is not trained.",
                 self.state.global_step - start_step,
                 why_unchanged(self.args),
             )
