@@ -373,11 +373,12 @@ def test_modes_without_a_faithful_rgb_image_are_refused_naming_the_mode(image, p
         to_rgb(image)
 
 
-def test_a_sixteen_bit_dataset_reaches_the_model_unsaturated():
+@pytest.mark.parametrize("feature_mode", [None, "RGB"])
+def test_a_sixteen_bit_dataset_reaches_the_model_unsaturated(feature_mode):
     grey = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
     data = datasets.Dataset.from_dict(
         {"image": [grey], "label": [0]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+        features=datasets.Features({"image": datasets.Image(mode=feature_mode), "label": datasets.Value("int64")}),
     )
     pixels = with_image_transforms(data, RAW, train=False)[0]["pixel_values"]
     assert torch.allclose(pixels, torch.full_like(pixels, 128 / 255), atol=1e-6)

@@ -314,6 +314,9 @@ def with_image_transforms(
 
         raw = dataset.cast_column(image_column, datasets.Image(decode=False, mode=getattr(feature, "mode", None)))
         dataset, decoder = raw, feature
+        if getattr(feature, "mode", None) == "RGB":
+            # datasets' own conversion to RGB clips 16-bit images to white: decode as stored, then to_rgb.
+            decoder = datasets.Image()
     info: dict[str, Any] = {
         "student_view": student_view,
         "teacher_view": teacher_view,
