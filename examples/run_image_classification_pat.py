@@ -283,6 +283,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("pat_hf %s, method %s", pat_hf.__version__, training_args.distill_method)
 
+    # What to do, and the student's build arguments, before anything is loaded.
+    if not (training_args.do_train or training_args.do_eval):
+        extra = " (--do_predict is not supported by this script)" if training_args.do_predict else ""
+        raise ValueError(
+            f"Nothing to do: neither --do_train nor --do_eval is set{extra}. Pass --do_train to distil the student "
+            "(and --do_eval to evaluate it)."
+        )
+    if training_args.do_predict:
+        raise ValueError("--do_predict is not supported by this script: run trainer.predict() on the exported model.")
+    if training_args.push_to_hub and not training_args.do_train:
+        raise ValueError(
+            "--push_to_hub without --do_train would push a student this run did not train, as distilled. Add "
+            "--do_train, or push an earlier run's export (trainer.push_to_hub() after training, or `hf upload`)."
+        )
+    student_kwargs = json_argument(model_args.student_kwargs, "--student_kwargs")
+    student_cfg = json_argument(model_args.student_pretrained_cfg, "--student_pretrained_cfg")
+    for key, flag in (
+        ("num_classes", "the dataset's labels"),
+        ("pretrained", "--student_pretrained"),
+        ("pretrained_cfg_overlay", "--student_pretrained_cfg"),
+    ):
+        if key in student_kwargs:
+            raise ValueError(
+                f"--student_kwargs sets {key!r}, which the script already sets from {flag}: remove it from "
+                "--student_kwargs."
+            )
+
     # The output folder first, before anything is loaded: never a model's own folder or the Hub cache, no files
     # another program wrote (unless --overwrite_output_dir), no other run training there.
     teacher_id = model_args.teacher_name_or_path
@@ -326,8 +353,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trust_remote_code=model_args.trust_remote_code,
             cache_dir=model_args.cache_dir,
         )
-    student_kwargs = json_argument(model_args.student_kwargs, "--student_kwargs")
-    student_cfg = json_argument(model_args.student_pretrained_cfg, "--student_pretrained_cfg")
 
     # Data
     dataset = load_data(data_args, model_args)

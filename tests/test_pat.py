@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -440,7 +441,10 @@ def test_a_checkpoint_with_other_head_shapes_is_refused_naming_the_file(tmp_path
     key = next(k for k in state if k.startswith("aligners.") and k.endswith("proj.weight"))
     state[key.replace("weight", "bias")] = torch.zeros(state[key].shape[0])
     save_file(state, state_file)
-    (state_file.parent / "checkpoint_files.json").unlink()  # as a 0.1 checkpoint: no file list to check against
+    # As a 0.1 checkpoint: no file list to check against, and a manifest that says 0.1 (only 0.1 wrote none).
+    (state_file.parent / "checkpoint_files.json").unlink()
+    manifest_file = state_file.parent / "distill_manifest.json"
+    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "pat_hf_version": "0.1.0"}))
     again = pat_trainer(tmp_path, "convnext", max_steps=2, save_strategy="steps", save_steps=1)
     with pytest.raises(
         ValueError, match=r"(?s)distill_state.safetensors does not fit the 'pat' heads.*written by pat_hf"

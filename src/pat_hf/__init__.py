@@ -14,7 +14,15 @@ from .augment import AugmentationConfig
 from .configuration import PATTrainingArguments
 from .data import load_fashion_mnist, with_image_transforms
 from .ema import ModelEmaCallback
-from .errors import CheckpointSaveError, DivergedLossError, HubPushError, NonFiniteLossError, RunLockedError
+from .errors import (
+    CheckpointSaveError,
+    DivergedLossError,
+    HubPushError,
+    NonFiniteLossError,
+    RunLockedError,
+    StudentLoadError,
+    StudentUnchangedError,
+)
 from .export import export_student, load_student_weights
 from .methods import DistillationMethod, available_methods, get_method, register_method
 from .metrics import build_compute_metrics
@@ -38,6 +46,8 @@ __all__ = [
     "PATTrainingArguments",
     "PairedMixup",
     "RunLockedError",
+    "StudentLoadError",
+    "StudentUnchangedError",
     "Teacher",
     "__version__",
     "available_methods",

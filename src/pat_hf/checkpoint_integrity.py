@@ -2,7 +2,8 @@
 
 Every ``checkpoint-N/`` written by pat_hf ≥ 0.2 ends with ``checkpoint_files.json``: the size and sha256 of every
 other file in it, written last inside the staging folder, before the folder is renamed. A checkpoint is complete
-when every listed file is there with its size and hash. Checkpoints of pat_hf 0.1 have no list: their files get
+when every listed file is there with its size and hash. A checkpoint without the list is incomplete, unless its
+manifest says pat_hf 0.1 wrote it: checkpoints of pat_hf 0.1 have no list, and their files get
 the structural checks below (JSON parses, a safetensors file is as long as its header says, a ``torch.save``
 archive has its zip directory), which catch truncation and most corruption without loading anything.
 
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 FILE_LIST_NAME = "checkpoint_files.json"
+# The run manifest of a checkpoint (written by pat_hf.checkpointing; its name is fixed since 0.1).
+MANIFEST_NAME = "distill_manifest.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What Trainer needs to resume, on top of the student's weights.
 REQUIRED = ("model.safetensors", "trainer_state.json")
@@ -138,7 +141,14 @@ def verify_checkpoint(folder: str, deep: bool = True) -> list[str]:
             elif deep and sha256_of(path) != meta.get("sha256"):
                 problems.append(f"{path}: its content changed after it was written (sha256 differs)")
         return problems
-    # pat_hf 0.1: no list; structural checks of what is there.
+    # Only pat_hf 0.1 wrote checkpoints without the list; any later checkpoint lacking it is a copy cut short (the
+    # list is its last file), whose weights may be truncated or zero-filled in ways no structural check sees.
+    legacy = legacy_version(folder)
+    if legacy is None:
+        return [
+            f"{listing}: missing. pat_hf >= 0.2 writes this file list last, so its checkpoints without it are "
+            "incomplete copies (only pat_hf 0.1 checkpoints, recognised by their manifest's pat_hf_version, have none)"
+        ]
     for name in REQUIRED:
         if not os.path.isfile(os.path.join(folder, name)):
             problems.append(f"{os.path.join(folder, name)}: missing")
@@ -147,6 +157,17 @@ def verify_checkpoint(folder: str, deep: bool = True) -> list[str]:
         if problem:
             problems.append(f"{os.path.join(folder, rel)}: {problem}")
     return problems
+
+
+def legacy_version(folder: str) -> str | None:
+    """The ``pat_hf_version`` of a checkpoint written by pat_hf 0.1 (which wrote no file list), read from its
+    manifest; None for any other folder (another version, no manifest, or one that cannot be read)."""
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            version = json.load(f).get("pat_hf_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) and re.match(r"0\.1(?!\d)", version) else None
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -46,6 +46,7 @@ from .ema import EMA_WEIGHTS_NAME, find_model_ema
 from .errors import CheckpointError, OutputDirError
 from .export import SAFE_WEIGHTS_NAME, export_student, load_student_weights
 from .output_dir import MARKER_NAME, check_output_dir, read_marker, write_marker
+from .progress_check import parameter_fingerprint
 from .student import is_timm_model, is_transformers_model, student_build_args, student_num_classes
 from .version import __version__
 
@@ -89,7 +90,8 @@ class CheckpointMixin:
                 raise CheckpointError(f"resume_from_checkpoint=True but {run_dir!r} holds no checkpoint-N folder.")
             broken = []
             for path in candidates:
-                problems = verify_checkpoint(path) if os.path.isfile(os.path.join(path, MANIFEST_NAME)) else []
+                # A folder without file list (or manifest) is an incomplete copy, unless pat_hf 0.1 wrote it.
+                problems = verify_checkpoint(path)
                 if problems:
                     logger.warning("Not resuming from %s: %s", path, "; ".join(problems[:3]))
                     broken.append(f"{os.path.basename(path)}: {problems[0]}")
@@ -185,6 +187,9 @@ class CheckpointMixin:
         if self.args.should_save:
             _replace_dir(staged, final)
             shutil.rmtree(staging, ignore_errors=True)
+            if getattr(self, "_deferred_checkpoint_push", False):
+                self._deferred_checkpoint_push = False
+                self._push_from_checkpoint(final)  # complete now, file list included (HubPushMixin)
             self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
         # Nodes without a shared file system hold their own ranks' RNG states: each node's first process
@@ -283,6 +288,9 @@ class CheckpointMixin:
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         try:
             load_student_weights(wrapper.student, resume_from_checkpoint)
+            if not getattr(self, "_loading_best_model", False):
+                # Did the resumed training change the student? Compared with the weights loaded here (progress_check).
+                self._student_fingerprint = parameter_fingerprint(wrapper.student)
         except (RuntimeError, OSError) as err:  # a shape mismatch, an unreadable file
             raise CheckpointError(
                 f"The student's weights in {os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)} do not load "
@@ -340,7 +348,11 @@ class CheckpointMixin:
 
     def _load_best_model(self) -> None:
         logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+        self._loading_best_model = True
+        try:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+        finally:
+            self._loading_best_model = False
 
     # ---- saving and export -------------------------------------------------------------------------------
 

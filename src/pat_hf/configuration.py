@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -75,6 +75,13 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
             "help": "Write into an output_dir that holds files no pat_hf run wrote, or another run's export and "
             "checkpoints (they may be replaced). Never allows writing into the teacher's or student's own folder "
             "or the Hub cache. The example script then also starts over instead of resuming."
+        },
+    )
+    hub_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a Hub push waits for a connection or for the Hub to answer before it fails with "
+            "HubPushError (huggingface_hub's own client waits forever). The local export is kept."
         },
     )
     # ---- OFA-KD (distill_method="ofa") ----
@@ -207,3 +214,71 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
         self.check_recipe()
         # The method checks its own settings (OFA's, PAT's, ...): this class knows no method's rules.
         get_method(self.distill_method).validate_args(self)
+        self._check_loop_settings()
+        self._check_something_trains()
+
+    def _check_loop_settings(self) -> None:
+        """Settings transformers accepts and fails on later with a raw error (a division by zero, an empty
+        dataloader), or that train nothing: refused here, before anything is loaded."""
+        if not str(self.output_dir or "").strip():
+            raise ValueError("output_dir is empty: give the folder the run writes its checkpoints and export to.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name, None)
+            if value is not None and not 0 <= value < 2**32:
+                raise ValueError(f"{name} must be in [0, 2**32 - 1] (numpy's seed range), got {value}.")
+        if self.hub_timeout is None or not 0 < self.hub_timeout < math.inf:
+            raise ValueError(f"hub_timeout must be > 0 seconds and finite, got {self.hub_timeout}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(
+                f"dataloader_num_workers must be >= 0 (0: load in the main process), got {self.dataloader_num_workers}."
+            )
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+            value = getattr(self, name, None)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        for name in ("save", "eval"):
+            strategy = str(getattr(getattr(self, f"{name}_strategy", None), "value", getattr(self, f"{name}_strategy")))
+            steps = getattr(self, f"{name}_steps", None)
+            if strategy == "steps" and steps is not None and not steps > 0:
+                raise ValueError(f"{name}_strategy='steps' needs {name}_steps > 0, got {steps}.")
+        epochs = self.num_train_epochs
+        if epochs is None or not 0 <= epochs < math.inf:
+            raise ValueError(f"num_train_epochs must be >= 0 and finite, got {epochs}.")
+        if epochs == 0 and (self.max_steps is None or self.max_steps <= 0):
+            raise ValueError(
+                f"num_train_epochs=0 with max_steps={self.max_steps}: the run would train no step and export an "
+                "untrained student. Set num_train_epochs > 0, or max_steps > 0 (which then decides the length)."
+            )
+        lr = self.learning_rate
+        if lr is None or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning_rate must be > 0 and finite, got {lr}.")
+        # transformers' schedules scale the base rate, so 0 stays 0; only a timm warm-up from warmup_lr > 0 trains.
+        warms_up = bool(self.lr_schedule) and self.warmup_epochs > 0 and self.warmup_lr > 0
+        if lr == 0 and not warms_up:
+            raise ValueError(
+                "learning_rate=0 with no schedule that raises it: the optimizer would leave every weight as it is and "
+                "the run would export an untrained student. Set learning_rate > 0 (e.g. 1e-3 for AdamW)."
+            )
+
+    def _check_something_trains(self) -> None:
+        """Every weight of the method's loss 0 (``ce_weight``, ``kd_weight`` and the method's own ``<method>_*weight``
+        fields): the loss is the constant 0 and the student would not change."""
+        method = get_method(self.distill_method)
+        names = ["ce_weight"]
+        if method.requires_teacher:
+            names.append("kd_weight")
+            prefix = f"{self.distill_method}_"
+            names += [f.name for f in fields(self) if f.name.startswith(prefix) and f.name.endswith("weight")]
+        values = {name: getattr(self, name) for name in names}
+        if all(isinstance(v, (int, float)) and v == 0 for v in values.values()):
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise ValueError(
+                f"Every loss weight of distill_method={self.distill_method!r} is 0 ({shown}): the loss would be 0 and "
+                "the student would not train. Give at least one of them a positive weight."
+            )

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from .augment import AugmentationConfig, build_image_transforms, sample_seed
+from .dataset_shapes import as_pil_image, check_no_missing_images, check_transformable, is_iterable_dataset
 from .errors import DatasetError, ImageLoadError, LabelError
+from .images import to_rgb
 from .preprocessing import ImageView
 from .teacher import normalise_class_name
 
@@ -182,7 +184,8 @@ def prepared_info(dataset: Any) -> dict[str, Any] | None:
     None); None for data prepared otherwise."""
     fmt = getattr(dataset, "format", None)
     transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
-    info = getattr(transform, "pat_hf", None)
+    # A streamed (IterableDataset) one carries it as an attribute, lost by its shuffle() / take().
+    info = getattr(transform, "pat_hf", None) or getattr(dataset, "pat_hf_info", None)
     return info if isinstance(info, dict) else None
 
 
@@ -260,7 +263,9 @@ def with_image_transforms(
     :class:`pat_hf.errors.ImageLoadError` naming its file (or its row).
 
     Args:
-        dataset: A `datasets.Dataset` with an image column (PIL images, any mode) and a label column.
+        dataset: A `datasets.Dataset` or ``IterableDataset`` (streaming) with an image column and a label column.
+            Images may be PIL images of any mode (:func:`pat_hf.images.to_rgb`), arrays, file paths or bytes
+            (:mod:`pat_hf.dataset_shapes`).
         student_view: The student's view (``trainer``-independent: see :meth:`ImageView.from_timm`).
         teacher_view: The teacher's view; None without a teacher. In training only its size counts (the image
             is made at the larger size); in evaluation it adds the teacher's own view of each image.
@@ -279,7 +284,10 @@ def with_image_transforms(
     Returns:
         The dataset with ``set_transform`` applied (a new view; the original is unchanged).
     """
+    check_transformable(dataset)
     check_columns(dataset, image_column, label_column)
+    check_no_missing_images(dataset, image_column)
+    streaming = is_iterable_dataset(dataset)
     if augmentation is None:
         augmentation = AugmentationConfig(**augmentation_options)
     elif augmentation_options:
@@ -293,6 +301,9 @@ def with_image_transforms(
 
         raw = dataset.cast_column(image_column, datasets.Image(decode=False, mode=getattr(feature, "mode", None)))
         dataset, decoder = raw, feature
+        if getattr(feature, "mode", None) == "RGB":
+            # datasets' own conversion to RGB clips 16-bit images to white: decode as stored, then to_rgb.
+            decoder = datasets.Image()
     info: dict[str, Any] = {
         "student_view": student_view,
         "teacher_view": teacher_view,
@@ -305,13 +316,14 @@ def with_image_transforms(
     encode = _label_encoder(info)
 
     def load(value: Any) -> Any:
-        if decoder is None:
-            return value
+        if decoder is None or value is None:
+            # Arrays, paths, bytes ... (dataset_shapes); a missing image is refused naming the column.
+            return as_pil_image(value, image_column)
         try:
             return decoder.decode_example(value)
         except Exception as err:
             where = f"file {value['path']!r}" if isinstance(value, dict) and value.get("path") else None
-            if where is None and raw is not None:
+            if where is None and raw is not None and not streaming:
                 row = _find_row(raw.with_format(None), image_column, value)
                 where = f"row {row}" if row is not None else "a row"
             raise ImageLoadError(
@@ -321,15 +333,24 @@ def with_image_transforms(
 
     def apply(batch: dict[str, list[Any]], seeds: Sequence[int] | None = None) -> dict[str, list[Any]]:
         # seeds: one per row, from PerSampleSeededDataset (the trainer's loader); None: the global generators.
+        missing = [c for c in (image_column, label_column) if c and c not in batch]
+        if missing:  # a streamed dataset whose columns were not known beforehand
+            raise DatasetError(f"The dataset has no column {missing}; its rows hold {sorted(batch)}.")
         images = batch[image_column]
         seeds = seeds if seeds is not None else [None] * len(images)
-        views = [transform(load(image), seed=seed) for image, seed in zip(images, seeds)]
+        views = [transform(to_rgb(load(image)), seed=seed) for image, seed in zip(images, seeds)]
         out: dict[str, list[Any]] = {key: [v[key] for v in views] for key in (views[0] if views else ("pixel_values",))}
         if label_column:
             out["labels"] = [encode(value) for value in batch[label_column]]
         return out
 
     apply.pat_hf = info
+    if streaming:
+        # Streaming: no set_transform; the same function runs lazily, batch by batch, as the data is read.
+        drop = [image_column] + ([label_column] if label_column and label_column != "labels" else [])
+        dataset = dataset.map(apply, batched=True, remove_columns=drop)
+        dataset.pat_hf_info = info
+        return dataset
     dataset = dataset.with_transform(apply)
     return dataset
 

@@ -6,6 +6,8 @@ working) that names the file, column, argument or folder at fault; see docs/reli
 
 from __future__ import annotations
 
+from typing import Any
+
 from huggingface_hub.errors import HfHubHTTPError
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "NonFiniteLossError",
     "OutputDirError",
     "RunLockedError",
+    "StudentLoadError",
+    "StudentUnchangedError",
     "TeacherLoadError",
 ]
 
@@ -33,11 +37,31 @@ class DivergedLossError(FloatingPointError):
     while still finite; training stops before that step's update."""
 
 
-class HubPushError(HfHubHTTPError):
-    """A push the Hub refused (rejected or missing token, no write access, no such repo), saying what to change.
+class StudentUnchangedError(RuntimeError):
+    """The run cannot change the student: it has no trainable parameter, or its gradients stay exactly 0 (the loss
+    does not depend on it); raised before the run goes on training nothing."""
 
-    It keeps the Hub's response, so ``except HfHubHTTPError`` still catches it.
+
+class HubPushError(HfHubHTTPError):
+    """A push the Hub refused (rejected or missing token, no write access, no such repo) or that could not reach
+    it (connection refused, no answer within ``hub_timeout``), saying what to change.
+
+    It keeps the Hub's response (None when there was no answer), so ``except HfHubHTTPError`` still catches it.
     """
+
+    def __init__(
+        self, message: str, *, response: Any = None, server_message: str | None = None, request: Any = None
+    ) -> None:
+        if response is not None:
+            super().__init__(message, response=response, server_message=server_message)
+            return
+        # No answer to read (the connection failed): the HTTP error's own fields, without a response.
+        super(HfHubHTTPError, self).__init__(message)
+        self.request_id = None
+        self.server_message = server_message
+        self.response = None
+        if request is not None:
+            self.request = request
 
 
 class OutputDirError(ValueError):
@@ -51,6 +75,12 @@ class RunLockedError(OutputDirError):
 
 class TeacherLoadError(ValueError):
     """The teacher could not be loaded as a transformers image classifier; the message names the path and file."""
+
+
+class StudentLoadError(ValueError):
+    """The student cannot be built as asked: pretrained weights that cannot be downloaded (offline), a model that
+    cannot be a student (a ``features_only`` timm model, the teacher itself); the message names the model and the
+    setting."""
 
 
 class DatasetError(ValueError):

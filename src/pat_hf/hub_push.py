@@ -28,7 +28,7 @@ from .recipe import recipe_summary
 from .student import is_timm_model
 from .version import __version__
 
-__all__ = ["HubPushError", "HubPushMixin", "explain_push_error"]
+__all__ = ["HubPushError", "HubPushMixin", "bound_hub_timeouts", "explain_network_error", "explain_push_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def explain_push_error(
         endpoint: The Hub's URL (default ``HF_ENDPOINT``).
 
     Returns:
-        A :class:`HubPushError`, or ``err`` itself for other failures (server errors, network).
+        A :class:`HubPushError` (also for server errors, HTTP 5xx and 429), or ``err`` itself for other failures.
     """
     endpoint = endpoint or constants.ENDPOINT
     status = getattr(getattr(err, "response", None), "status_code", None)
@@ -91,9 +91,72 @@ def explain_push_error(
             f"Cannot push to the Hub repo {repo_id!r}: it does not exist or {_token_source(token)} cannot see it "
             f"(HTTP {status}).{server} Check hub_model_id, and that the token belongs to an account with access."
         )
+    elif status is not None and (status >= 500 or status == 429):
+        # The Hub (or a proxy in front of it) failed or throttled: nothing to fix on this side but the timing.
+        message = (
+            f"Cannot push to the Hub repo {repo_id!r} at {endpoint}: the server answered HTTP {status}.{server} "
+            "Try again later; the local export in output_dir is kept."
+        )
     else:
         return err
     return HubPushError(message, response=err.response, server_message=getattr(err, "server_message", None))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a failed connection: the HTTP client's transport errors (whichever client this
+    huggingface_hub uses) and the OS's."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx", "requests"):
+        try:
+            client = __import__(module)
+        except ImportError:
+            continue
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            cls = getattr(client, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(dict.fromkeys(errors))
+
+
+def bound_hub_timeouts(seconds: float) -> None:
+    """Gives huggingface_hub's shared HTTP client a timeout when it has none (its default: wait forever, so a push
+    to an endpoint that accepts the connection and never answers hangs). A timeout the user configured is kept.
+
+    Args:
+        seconds: Longest wait for a connection, or for any data sent or received.
+    """
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    current = getattr(session, "timeout", None)
+    if current is None or not hasattr(current, "read"):
+        return
+    if current.read is None or current.connect is None or current.write is None:
+        session.timeout = type(current)(seconds)
+
+
+def explain_network_error(
+    err: BaseException, repo_id: str | None, seconds: float, endpoint: str | None = None, exported: bool = True
+) -> Any:
+    """A failed connection to the Hub as a :class:`HubPushError` naming the endpoint, the repo and the cause; other
+    errors are returned unchanged."""
+    if not isinstance(err, _network_errors()):
+        return err
+    endpoint = endpoint or constants.ENDPOINT
+    name = type(err).__name__
+    if "timeout" in name.lower() or isinstance(err, TimeoutError):
+        cause = f"no answer within {seconds:g} s ({name}; raise hub_timeout for a slow connection)"
+    else:
+        cause = f"the connection failed ({name}: {str(err).strip() or 'no details'})"
+    later = (
+        "the local export in output_dir is kept, and trainer.push_to_hub() (or `hf upload`) can push it later"
+        if exported
+        else "nothing was trained or written yet; set push_to_hub=False to train without pushing"
+    )
+    message = (
+        f"Cannot push to the Hub repo {repo_id!r} at {endpoint}: {cause}. Check the network and HF_ENDPOINT; {later}."
+    )
+    return HubPushError(message, request=getattr(err, "_request", None))
 
 
 class HubPushMixin:
@@ -141,6 +204,8 @@ class HubPushMixin:
             repo_id=args.hub_model_id,
             library_name="timm" if is_timm_model(student) else "transformers",
             model_class=self.accelerator.unwrap_model(self.model).student_model_class,
+            trained=bool(self.state is not None and self.state.global_step > 0)
+            and not getattr(self, "_student_unchanged", False),
         )
 
     def create_model_card(self, model_name: str | None = None, dataset: str | None = None, **kwargs: Any) -> None:
@@ -148,6 +213,11 @@ class HubPushMixin:
         wrapper lacks)."""
         if not self.is_world_process_zero():
             return
+        if self.state is None or not self.state.global_step or getattr(self, "_student_unchanged", False):
+            logger.warning(
+                "The model card of %s says that the student is not trained: no training step changed its weights.",
+                self.args.output_dir,
+            )
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as f:
             f.write(render_model_card(self.model_card_info(model_name=model_name, dataset=dataset)))
@@ -155,11 +225,15 @@ class HubPushMixin:
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Creates the repo ``args.hub_model_id``; a refused token or namespace raises
         :class:`pat_hf.HubPushError` saying what to change."""
+        bound_hub_timeouts(self.args.hub_timeout)
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         try:
             super().init_hf_repo(token=token, private=private)
         except HfHubHTTPError as err:
-            repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
             raise explain_push_error(err, repo_id, token if token is not None else self.args.hub_token) from err
+        except _network_errors() as err:
+            exported = os.path.isfile(os.path.join(self.args.output_dir, "config.json"))
+            raise explain_network_error(err, repo_id, self.args.hub_timeout, exported=exported) from err
 
     def push_to_hub(
         self,
@@ -191,13 +265,16 @@ class HubPushMixin:
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
+        bound_hub_timeouts(self.args.hub_timeout)
+        # The local export first (on every process: FSDP/DeepSpeed gather the weights collectively; only the main
+        # process writes), so that it is there whatever happens to the push.
+        self.save_model(_internal_call=True)
+        if self.is_world_process_zero():
+            self.create_model_card(model_name=kwargs.pop("model_name", None), dataset=kwargs.pop("dataset", None))
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
-        # On every process: FSDP/DeepSpeed gather the weights collectively; only the main process writes.
-        self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(model_name=kwargs.pop("model_name", None), dataset=kwargs.pop("dataset", None))
         self._finish_current_push()
         try:
             return self._upload_snapshot(
@@ -211,6 +288,8 @@ class HubPushMixin:
             )
         except HfHubHTTPError as err:
             raise explain_push_error(err, self.hub_model_id, token) from err
+        except _network_errors() as err:
+            raise explain_network_error(err, self.hub_model_id, self.args.hub_timeout) from err
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """As Trainer's: the repo root gets the checkpoint's student (plus a model card with the metrics so
@@ -221,10 +300,16 @@ class HubPushMixin:
 
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
+        if getattr(self, "_staging_dir", None) is not None:
+            # Trainer pushes from inside its save, while the checkpoint is still staged without its file list
+            # (a pushed checkpoint without it would not resume): CheckpointMixin pushes it once it is complete.
+            self._deferred_checkpoint_push = True
+            return
         # As Trainer: skip this push while the previous one is still uploading, unless hub_always_push.
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        bound_hub_timeouts(self.args.hub_timeout)
         output_dir = self.args.output_dir
         patterns = hub_files(self.student)
         # As Trainer, output_dir gets the checkpoint's student: copying it avoids gathering the weights again.
@@ -279,6 +364,8 @@ class HubPushMixin:
         err = None if job.cancelled() else job.exception()
         if isinstance(err, HfHubHTTPError):
             err = explain_push_error(err, self.hub_model_id, self.args.hub_token)
+        elif err is not None:
+            err = explain_network_error(err, self.hub_model_id, self.args.hub_timeout)
         if err is not None:
             logger.warning("A push to the Hub failed (training goes on): %s", err)
 

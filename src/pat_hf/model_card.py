@@ -78,6 +78,8 @@ class ModelCardInfo:
         repo_id: Hub repository id, for the usage snippets.
         library_name: ``timm`` or ``transformers`` (the student's library).
         model_class: Dotted path of the class a timm student loads with when timm's registry cannot rebuild it.
+        trained: Whether training changed the exported weights (False: no step ran, or none moved them; the card
+            says so instead of calling the model distilled).
     """
 
     model_name: str
@@ -91,6 +93,7 @@ class ModelCardInfo:
     repo_id: str | None = None
     library_name: str = "timm"
     model_class: str | None = None
+    trained: bool = True
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -160,6 +163,7 @@ def build_model_card(info: ModelCardInfo) -> Any:
         repo=info.repo_id or "ORG/NAME",
         model_class=info.model_class,
         citations=citations,
+        trained=info.trained,
     )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "PAT_HF_NAMES",
     "RunLock",
     "check_output_dir",
+    "check_output_path",
     "read_marker",
     "source_dirs",
     "write_marker",
@@ -114,6 +115,46 @@ def _written_by_pat_hf_0_1(path: str, names: list[str]) -> bool:
     return False
 
 
+def check_output_path(output_dir: str) -> None:
+    """Refuses an output path that cannot become a writable folder, before any work: empty, a dangling symbolic
+    link, a path through a file, a folder (or the nearest existing parent) that is read-only.
+
+    Raises:
+        OutputDirError: Naming the path, and the part of it at fault.
+    """
+    if output_dir is None or not str(output_dir).strip():
+        raise OutputDirError("output_dir is empty: give the folder the run writes its checkpoints and export to.")
+    path = os.path.abspath(os.path.expanduser(str(output_dir)))
+    # The path itself or any parent may be a link to nowhere, or a file in the way of the folders to create.
+    probe = path
+    while True:
+        if os.path.islink(probe) and not os.path.exists(probe):
+            raise OutputDirError(
+                f"output_dir {output_dir!r}: {probe} is a symbolic link to {os.readlink(probe)!r}, which does not "
+                "exist. Create its target, remove the link, or choose another output_dir."
+            )
+        if os.path.exists(probe):
+            break
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        if probe == path:
+            raise OutputDirError(f"output_dir {output_dir!r} is a file, not a folder.")
+        raise OutputDirError(
+            f"output_dir {output_dir!r} cannot be created: {probe} is a file, not a folder. Choose another output_dir."
+        )
+    read_only_fs = hasattr(os, "statvfs") and bool(os.statvfs(probe).f_flag & getattr(os, "ST_RDONLY", 1))
+    if read_only_fs or not os.access(probe, os.W_OK | os.X_OK):
+        what = "is on a read-only file system" if read_only_fs else "is not writable by this user"
+        where = "output_dir" if probe == path else f"its nearest existing parent {probe!r}"
+        raise OutputDirError(
+            f"output_dir {output_dir!r}: {where} {what}, so no checkpoint or export could be written. Choose a "
+            "writable output_dir (or fix the folder's permissions)."
+        )
+
+
 def check_output_dir(output_dir: str, *, protected: Iterable[str] = (), overwrite: bool = False) -> None:
     """Refuses an output folder pat_hf must not write to (see the module's docstring).
 
@@ -126,6 +167,7 @@ def check_output_dir(output_dir: str, *, protected: Iterable[str] = (), overwrit
         OutputDirError: ``output_dir`` is, or is inside, a protected folder; or it holds files not written by
             pat_hf and ``overwrite`` is False. The message lists what it holds.
     """
+    check_output_path(output_dir)
     path = os.path.realpath(os.path.expanduser(output_dir))
     for folder in protected:
         if _inside(path, folder):

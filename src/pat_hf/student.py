@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .errors import StudentLoadError
 from .preprocessing import ImageView
 
 __all__ = [
@@ -138,6 +139,20 @@ def _create_by_name(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.M
 
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:
+        if not pretrained:
+            raise
+        # Offline, no network, or a missing cache entry: huggingface_hub's message names neither the model nor
+        # the setting that asked for the download.
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        raise StudentLoadError(
+            f"Cannot load the pretrained weights of the student {name!r} (pretrained=True, --student_pretrained): "
+            f"they are not in the local Hub cache and "
+            + ("HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached")
+            + f" ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). Set "
+            "pretrained=False (--student_pretrained false) to start from random weights, download the weights "
+            "while online, or give a local copy as 'local-dir:PATH'."
+        ) from err
     except TypeError as err:
         match = _FIXED_ARGUMENT.search(str(err))
         if match is None:

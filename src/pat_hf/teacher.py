@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,17 @@ import torch
 from torch import nn
 
 from .checkpoint_integrity import file_problem
-from .errors import TeacherLoadError
+from .errors import LabelError, TeacherLoadError
 from .preprocessing import ImageView
 
-__all__ = ["Teacher", "load_teacher", "match_classes", "model_label_names", "normalise_class_name"]
+__all__ = [
+    "Teacher",
+    "ambiguous_names",
+    "load_teacher",
+    "match_classes",
+    "model_label_names",
+    "normalise_class_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +176,34 @@ def model_label_names(model: nn.Module) -> list[str] | None:
 
 
 def normalise_class_name(name: str) -> str:
-    """Class names compare equal ignoring case, spaces, ``_`` and ``-``."""
-    return re.sub(r"[\s_\-]+", " ", str(name).strip().lower())
+    """Class names compare equal ignoring case, spaces, ``_`` and ``-`` (and Unicode's equivalent spellings:
+    composed or decomposed accents, full-width letters)."""
+    return re.sub(r"[\s_\-]+", " ", unicodedata.normalize("NFKC", str(name)).strip().casefold())
 
 
 _normalise = normalise_class_name
+
+
+def ambiguous_names(names: list[str] | None) -> dict[str, list[tuple[int, str]]]:
+    """The names that the matching by name cannot tell apart: each normalised name held by several entries of
+    ``names`` (ImageNet's two "crane" classes, "Cat" and "cat"), mapped to those entries' (index, name).
+
+    Args:
+        names: Class names in output order, or None.
+    """
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for i, name in enumerate(names or []):
+        groups.setdefault(_normalise(name), []).append((i, str(name)))
+    return {key: entries for key, entries in groups.items() if len(entries) > 1}
+
+
+def describe_ambiguous(groups: dict[str, list[tuple[int, str]]], limit: int = 5) -> str:
+    """``'crane' (classes 134, 517)``-style listing of :func:`ambiguous_names`' groups."""
+    parts = []
+    for entries in list(groups.values())[:limit]:
+        shown = " and ".join(repr(n) for n in dict.fromkeys(n for _, n in entries))
+        parts.append(f"{shown} (classes {', '.join(str(i) for i, _ in entries)})")
+    return "; ".join(parts) + (" ..." if len(groups) > limit else "")
 
 
 def match_classes(
@@ -197,11 +228,39 @@ def match_classes(
         ``teacher_logits[:, index]`` is in dataset order.
 
     Raises:
-        ValueError: When the classes cannot be matched.
+        ValueError: When the classes cannot be matched. LabelError (a ValueError): names that the matching
+            cannot tell apart (the dataset's names equal up to case / spaces, or a name the teacher holds twice).
     """
     if teacher_names is not None and dataset_names is not None:
         if teacher_names == list(dataset_names):
             return None
+        # A dataset name the teacher holds exactly once is matched to it, whatever other names look alike; the
+        # others are matched ignoring case, spaces, "_" and "-", where names equal up to that cannot be told apart.
+        exact: dict[str, list[int]] = {}
+        for i, name in enumerate(teacher_names):
+            exact.setdefault(name, []).append(i)
+        clash = {
+            key: entries
+            for key, entries in ambiguous_names(list(dataset_names)).items()
+            if len({n for _, n in entries}) < len(entries) or any(len(exact.get(n, [])) != 1 for _, n in entries)
+        }
+        if clash:
+            raise LabelError(
+                f"The dataset names classes alike (the same name twice, or names that differ only in case, spaces, '_' or "
+                f"'-'): {describe_ambiguous(clash)}. "
+                "pat_hf matches classes by name ignoring those, so they would become one class. Rename them "
+                "(datasets.ClassLabel(names=...)) so that each class has its own name."
+            )
+        wanted = {_normalise(n) for n in dataset_names if len(exact.get(n, [])) != 1}
+        clash = {k: v for k, v in ambiguous_names(teacher_names).items() if k in wanted}
+        if clash:
+            raise LabelError(
+                "The teacher's config.id2label holds the same class name more than once (up to case, spaces, '_' and '-'): "
+                f"{describe_ambiguous(clash)}, "
+                "and the dataset uses that name, so which teacher output is meant cannot be told. Rename the dataset's "
+                "class to the one meant (e.g. 'crane (bird)'), and the teacher's id2label entries to match, or pass "
+                "class_names= in the teacher's exact order."
+            )
         lookup = {}
         for i, name in enumerate(teacher_names):
             lookup.setdefault(_normalise(name), i)
@@ -213,7 +272,7 @@ def match_classes(
                 f"Teacher classes start with {teacher_names[:5]}. Use a teacher fine-tuned on this dataset's "
                 "classes, or rename the dataset's ClassLabel names to the teacher's (config.id2label)."
             )
-        index = [lookup[_normalise(n)] for n in dataset_names]
+        index = [exact[n][0] if len(exact.get(n, [])) == 1 else lookup[_normalise(n)] for n in dataset_names]
         if index == list(range(teacher_count)):
             return None
         logger.info(

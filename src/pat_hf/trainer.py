@@ -9,8 +9,10 @@ are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -23,20 +25,23 @@ from .checkpointing import CheckpointMixin
 from .compile import CompileMixin
 from .configuration import PATTrainingArguments
 from .data import PerSampleSeededDataset, collate_images, prepared_info, prepared_views
+from .dataset_shapes import check_prepared, check_split, is_iterable_dataset
 from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
 from .loss_guard import LossGuard
 from .metrics import build_compute_metrics
 from .modeling import build_distillation_model, resolve_teacher
 from .output_dir import RunLock, check_output_dir, source_dirs
+from .progress_check import StudentGradientCallback, StudentUnchangedError, parameter_fingerprint, why_unchanged
 from .recipe_mixin import RecipeMixin
+from .run_checks import check_batch_fits, check_student_is_classifier, check_teacher_input, check_two_models
 from .student import student_num_classes, student_source
 from .teacher import Teacher
 from .validation import check_dataset_labels
 
-__all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer"]
-
 logger = logging.getLogger(__name__)
+
+__all__ = ["DivergedLossError", "NonFiniteLossError", "PATDistillationTrainer", "StudentUnchangedError"]
 
 
 def single_process_loading_warning(num_workers: int, device_type: str) -> str | None:
@@ -133,8 +138,24 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             )
         if model is None:
             raise ValueError("model= (the student) is required: a timm model or a timm name / hf-hub: / local-dir: id.")
-        # Before anything is built: the teacher (checked against the view the data was prepared with), then the
-        # labels (type and range, from the label column alone; they may name the classes).
+        # Before anything is built: one split each (not a DatasetDict), the teacher (checked against the view the
+        # data was prepared with), then the labels (type and range, from the label column alone; they may name the
+        # classes).
+        check_split(train_dataset, "training dataset")
+        check_split(eval_dataset, "evaluation dataset")
+        if is_iterable_dataset(train_dataset) and args.max_steps <= 0:
+            raise ValueError(
+                "The training dataset is an IterableDataset (streaming), which has no length: set max_steps "
+                "(--max_steps), the number of optimizer steps to train, instead of num_train_epochs."
+            )
+        check_batch_fits(train_dataset, args.per_device_train_batch_size, args.dataloader_drop_last, args.world_size)
+        check_batch_fits(
+            eval_dataset, args.per_device_eval_batch_size, args.dataloader_drop_last, args.world_size, "evaluation"
+        )
+        if isinstance(model, nn.Module):
+            check_student_is_classifier(model)
+            # Before the teacher is frozen: a student that is (or shares weights with) the teacher is refused first.
+            check_two_models(model, teacher.model if isinstance(teacher, Teacher) else teacher)
         views = prepared_views(train_dataset, eval_dataset)
         teacher = resolve_teacher(
             args,
@@ -144,6 +165,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             revision=teacher_revision,
             trust_remote_code=trust_remote_code,
         )
+        if teacher is not None:
+            check_teacher_input(teacher.model)
         class_names = check_dataset_labels(
             train_dataset,
             eval_dataset,
@@ -190,6 +213,8 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
             # needs to live on this process's device.
             self.teacher.to(self.args.device)
         self._loss_guard = LossGuard(self.args, self.accelerator)
+        # A loss that does not depend on the student stops the run within its first optimizer steps (progress_check).
+        self.add_callback(StudentGradientCallback(self.args))
         self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -326,6 +351,10 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         from the checkpoint asked for (``True``: the newest complete one)."""
         self._loss_parts["train"].clear()
         self._loss_guard.reset()
+        if self.data_collator is collate_images:  # raw images would fail at the first batch (KeyError)
+            check_prepared(self.train_dataset, "training", prepared_info(self.train_dataset))
+            if not isinstance(self.eval_dataset, dict):
+                check_prepared(self.eval_dataset, "evaluation", prepared_info(self.eval_dataset))
         run_dir = self.args.output_dir
         check_output_dir(run_dir, protected=self._protected_dirs, overwrite=self.args.overwrite_output_dir)
         lock = RunLock(run_dir, owner=self.is_world_process_zero())
@@ -334,6 +363,13 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         lock.acquire()
         try:
             resume = self._check_checkpoints_before_train(resume_from_checkpoint)
+            if not any(p.requires_grad for p in self.student.parameters()):
+                raise StudentUnchangedError(
+                    "The student has no trainable parameter (every one has requires_grad=False): training cannot "
+                    "change it. Unfreeze the parameters to train (student.requires_grad_(True))."
+                )
+            self._student_fingerprint = parameter_fingerprint(self.student)  # a resume replaces it once loaded
+            start_step = _checkpoint_step(resume)
             self._claim_output_dir(run_dir)
             output = super().train(
                 resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
@@ -341,4 +377,27 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         finally:
             lock.release()
         self._sync_buffers_from_main_process()
+        # Nothing exported as distilled unless the student changed (the settings that train nothing are refused
+        # earlier; this is what slips through: a warm-up still at 0, a custom optimizer without the student). A
+        # run resumed at its last step trains nothing more, and its weights come out of training already.
+        ran = self.state.global_step > start_step
+        self._student_unchanged = ran and torch.equal(self._student_fingerprint, parameter_fingerprint(self.student))
+        if self._student_unchanged:
+            logger.warning(
+                "TRAINING DID NOT CHANGE THE STUDENT: %d steps ran but its weights are the ones it started with (%s). "
+                "Its model card will say that it is not trained.",
+                self.state.global_step - start_step,
+                why_unchanged(self.args),
+            )
         return output
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The global step a resumed run starts from (its trainer_state.json), 0 without a checkpoint."""
+    if not checkpoint:
+        return 0
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0

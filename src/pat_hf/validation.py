@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import check_not_empty, dataset_class_names, prepared_info
+from .dataset_shapes import is_iterable_dataset
 from .errors import ConfigValueError, LabelError
-from .teacher import Teacher, normalise_class_name
+from .teacher import Teacher, ambiguous_names, describe_ambiguous, normalise_class_name
 
 __all__ = ["LabelSpace", "check_config_values", "check_dataset_labels", "resolve_labels"]
 
@@ -64,6 +65,8 @@ def _column(dataset: Any, column: str) -> Any:
     """The label column as a pyarrow array (no image is decoded), or None for data that is not a `datasets`
     Dataset."""
     if not hasattr(dataset, "with_format") or column not in (getattr(dataset, "column_names", None) or []):
+        return None
+    if is_iterable_dataset(dataset):  # streaming: reading the labels would read the whole dataset
         return None
     return dataset.with_format("arrow")[column]
 
@@ -165,6 +168,19 @@ def resolve_labels(
             f"The labels in {where} go up to {high}, but there are {count} classes ({source}), numbered 0 to "
             f"{count - 1}: {hint}."
         )
+    if source.startswith("the teacher's") and high + 1 < count:
+        # Integer labels are read as the teacher's class indices: right for data labelled like the teacher,
+        # silently wrong for another dataset's numbering. Say which classes they are taken to be.
+        shown = ", ".join(f"{i}={n!r}" for i, n in enumerate((names or [])[: min(high + 1, 5)]))
+        logger.warning(
+            "The integer labels of %s (0 to %d) are read as the teacher's class indices, among its %d classes (%s%s). "
+            "If they number other classes, give class_names= (or cast the column to a datasets.ClassLabel).",
+            where,
+            high,
+            count,
+            shown,
+            " ..." if high + 1 > 5 else "",
+        )
     return LabelSpace(names, count, "class_label" if feature_names else "int", source)
 
 
@@ -178,6 +194,34 @@ def _string_space(
     def unknown(names: Sequence[str]) -> list[str]:
         known = {normalise_class_name(n) for n in names}
         return [f for f in found if normalise_class_name(f) not in known]
+
+    # String labels are mapped by name ignoring case, spaces, "_" and "-": labels or class names equal up to that
+    # would silently become one class (and leave another without examples).
+    clash = ambiguous_names(sorted(found))
+    spellings = "; ".join(" and ".join(repr(n) for _, n in entries) for entries in list(clash.values())[:5])
+    if clash and (class_names or teacher_names):
+        # The classes are named elsewhere (one class for these spellings): they are one class, said aloud.
+        logger.warning(
+            "%s spells labels in several ways (%s); each group is mapped to the one class of that name.",
+            where,
+            spellings,
+        )
+    elif clash:
+        raise LabelError(
+            f"{where} holds labels that differ only in case, spaces, '_' or '-': {spellings}. pat_hf maps labels to "
+            "classes ignoring those differences, so they would become one class and leave another without examples. "
+            "Make them one spelling (dataset.map) if they are one class, rename them if they are not, or pass "
+            "class_names=."
+        )
+    for given, source in ((class_names, "class_names"), (teacher_names, "the teacher's config.id2label")):
+        used = {normalise_class_name(f) for f in found}
+        clash = {k: v for k, v in ambiguous_names(list(given or [])).items() if k in used}
+        if clash:
+            raise LabelError(
+                f"{source} holds a class name more than once (up to case, spaces, '_' and '-'): "
+                f"{describe_ambiguous(clash)}, and {where} uses it, so which class a label means cannot be told. "
+                "Rename the classes so that each name is unique."
+            )
 
     if class_names:
         missing = unknown(class_names)
