@@ -32,6 +32,7 @@ from pat_hf.errors import (
 )
 from pat_hf.images import to_rgb
 from pat_hf.output_dir import check_output_dir
+from pat_hf.preprocessing import make_view
 from pat_hf.progress_check import StudentUnchangedError
 from pat_hf.teacher import match_classes
 from pat_hf.validation import resolve_labels
@@ -380,7 +381,7 @@ def test_a_sixteen_bit_dataset_reaches_the_model_unsaturated(feature_mode):
         {"image": [grey], "label": [0]},
         features=datasets.Features({"image": datasets.Image(mode=feature_mode), "label": datasets.Value("int64")}),
     )
-    pixels = with_image_transforms(data, RAW, train=False)[0]["pixel_values"]
+    pixels = make_view(with_image_transforms(data, RAW, train=False)[0]["pixel_values"][None], RAW)
     assert torch.allclose(pixels, torch.full_like(pixels, 128 / 255), atol=1e-6)
 
 

@@ -260,9 +260,10 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         """Trainer's loader; training data prepared by :func:`pat_hf.with_image_transforms` with per-sample seeding
         (the default) is read through :class:`~pat_hf.data.PerSampleSeededDataset`, so every sample's augmentation
-        is drawn from (``seed``, epoch, sample index) whatever the worker count or the resume point."""
+        is drawn from (``seed``, epoch, sample index) whatever the worker count or the resume point. A streamed
+        dataset has no sample index to seed from: it is read as it streams (docs/reliability.md)."""
         augmentation = self.augmentation
-        if augmentation is None or not augmentation.per_sample_seed:
+        if augmentation is None or not augmentation.per_sample_seed or is_iterable_dataset(self.train_dataset):
             return super().get_train_dataloader()
         original = self.train_dataset
         # Trainer builds its loader (sampler, workers, accelerate's sharding) from self.train_dataset.
