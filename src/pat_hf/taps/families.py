@@ -219,7 +219,9 @@ def _children(container: nn.Module) -> list[nn.Module]:
 
 def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
     """The model's residual blocks in forward order: the units :class:`pat_hf.recompute.BlockRecompute` can
-    recompute in the backward instead of keeping their activations."""
+    recompute in the backward instead of keeping their activations (none known for generic sites)."""
+    if family.endswith("_generic"):
+        return []
     if family.startswith("hf_timm_wrapper:"):
         return _block_modules(model.timm_model, family.split(":", 1)[1])
     if family.startswith("hf_"):
@@ -243,13 +245,6 @@ def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
 
 
 _HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "input", "features", "input_feature")
-
-
-def _unsupported(model: nn.Module) -> ValueError:
-    return ValueError(
-        f"cannot tap the stages of a {type(model).__name__}: supported teachers (transformers) are "
-        f"{', '.join(SUPPORTED_TEACHERS)}; supported students (timm) are {', '.join(SUPPORTED_STUDENTS)}"
-    )
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:
