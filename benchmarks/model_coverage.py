@@ -126,7 +126,7 @@ TIMM_STUDENTS: dict[str, dict[str, Any]] = {
     "tiny_vit_5m_224": {"img_size": STUDENT_SIZE},
     "ghostnet_050": {},
     "regnetx_002": {},
-    "poolformer_s12": {"depths": (1, 1, 1, 1)},
+    "poolformer_s12": {},
     "cait_xxs24_224": {"img_size": STUDENT_SIZE, "depth": 4},
     "beit_base_patch16_224": {"img_size": STUDENT_SIZE, "depth": 4, "embed_dim": 32, "num_heads": 2},
     "eva02_tiny_patch14_224": {"img_size": STUDENT_SIZE, "patch_size": 8, "depth": 4},
@@ -220,7 +220,8 @@ def build_teacher(model_type: str, size: int = TEACHER_SIZE) -> torch.nn.Module:
     if getattr(config, "vision_config", None) is not None:
         config.vision_config.image_size = size
     elif model_type in HF_NO_SHRINK and "image_size" not in HF_OVERRIDES.get(model_type, {}):
-        config.image_size = size if isinstance(config.image_size, int) else [size, size]
+        current = getattr(config, "image_size", None)
+        config.image_size = [size, size] if isinstance(current, (list, tuple)) else size
     config.num_labels = 3
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(config)

@@ -258,7 +258,7 @@ def hf_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channels:
     name = type(model).__name__
     modules = [module for module in model.modules() if module is not model]
     pixels = _probe_input(model, image_size, in_channels)
-    inputs, outputs, result = _probe(model, modules, lambda: model(pixel_values=pixels, output_hidden_states=True))
+    _, outputs, result = _probe(model, modules, lambda: model(pixel_values=pixels, output_hidden_states=True))
     hidden = getattr(result, "hidden_states", None)
     if not hidden or len(hidden) < 2:
         raise NoStagesError(f"{name}: its forward gives no hidden states (output_hidden_states=True)")
@@ -335,16 +335,3 @@ def hf_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channels:
     if len({id(site.out_module) for site in sites}) != len(sites):
         raise NoStagesError(f"{name}: its hidden states do not come from distinct modules")
     return sites
-
-
-def needs_other_inputs(model: nn.Module) -> list[str]:
-    """The required arguments of a model's forward other than ``pixel_values`` (SigLIP-2: a pixel attention mask
-    and spatial shapes): such a model cannot be fed images alone."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return []
-    special = ("pixel_attention_mask", "spatial_shapes")
-    return [name for name in special if name in parameters]

@@ -68,7 +68,8 @@ class RegionAwareAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.specs = list(student_specs)
-        self.grid = region_grid(num_queries, len(self.specs))
+        # Nq / 4 region tokens per stage whatever the stage count (a model with 3 stages gets 3 x Nq / 4 tokens).
+        self.grid = region_grid(num_queries)
         self.dim, self.num_heads = dim, num_heads
         self.kernels = []
         embeds = []
@@ -80,7 +81,8 @@ class RegionAwareAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.register_buffer("positions", sinusoidal_positions(num_queries, dim), persistent=False)
+        length = self.grid * self.grid * len(self.specs)
+        self.register_buffer("positions", sinusoidal_positions(length, dim), persistent=False)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Maps the 4 student stage features to 4 × (B, grid², D) attended region tokens."""
