@@ -228,7 +228,57 @@ def build_teacher(model_type: str, size: int = TEACHER_SIZE) -> torch.nn.Module:
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMS:
         raise NotImplementedError(f"{count / 1e6:.1f}M parameters even shrunk")
-    return model.eval()
+    _calibrate_batch_norms(model, config)
+    model.eval()
+    if not _input_sensitive(model, config):
+        raise NotImplementedError("its tiny random build gives the same logits for every input")
+    return model
+
+
+def _calibrate_batch_norms(model: torch.nn.Module, config: Any) -> None:
+    """PyTorch's BatchNorm init and running statistics measured on random images, as a trained model has them. With
+    the initial ones (mean 0,
+    variance 1) the activations of a deep tiny random CNN vanish layer after layer in eval mode (EfficientNet,
+    MobileViT), so its logits are the same for every input and nothing upstream can change them."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        # Some types draw BatchNorm weights like linear ones (std 0.02): PyTorch's init (1, 0) instead.
+        norm.reset_parameters()
+        norm.momentum = None  # a cumulative average over the calibration batches
+    size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", 32)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    generator = torch.Generator().manual_seed(2)
+    model.train()
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                model(pixel_values=torch.rand(4, 3, size, size, generator=generator))
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported by the cases themselves
+        pass
+    finally:
+        for norm in norms:
+            norm.momentum = 0.1
+        model.eval()
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """A classifier's logits: ``.logits``, else its first output (PP-LCNet names them ``last_hidden_state``)."""
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _input_sensitive(model: torch.nn.Module, config: Any) -> bool:
+    size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", 32)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, 3, size, size, generator=generator)
+    try:
+        with torch.no_grad():
+            logits = _logits(model(pixel_values=pixels))
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported by the cases themselves
+        return True
+    return bool((logits[0] - logits[1]).abs().max() > 1e-6)
 
 
 def build_student(name: str) -> torch.nn.Module:
@@ -359,15 +409,13 @@ def run_case(teacher_proto: torch.nn.Module, student_proto: torch.nn.Module, met
             for prompt in method_module.prompts.values():
                 prompt.beta.fill_(1.0)
             teacher_model = trainer.teacher.model
-            plain = teacher_model(teacher_pixels)
-            plain = getattr(plain, "logits", plain)
+            plain = _logits(teacher_model(teacher_pixels))
             method_module.teacher_taps.set_input_transforms(method_module._prompt_transforms)
             try:
-                prompted = teacher_model(teacher_pixels)
-                prompted = getattr(prompted, "logits", prompted)
+                prompted = _logits(teacher_model(teacher_pixels))
             finally:
                 method_module.teacher_taps.set_input_transforms(None)
-        if torch.allclose(plain, prompted):
+        if torch.equal(plain, prompted):
             return "silent", "prompts have no effect on the teacher's logits"
     return "trained", ""
 

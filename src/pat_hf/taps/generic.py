@@ -157,6 +157,11 @@ def timm_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channel
             module = model.get_submodule(str(item["module"]))
         except AttributeError:
             continue
+        if isinstance(module, nn.ModuleList):
+            # A list is never called (no hook fires on it): its last module gives the feature.
+            if not len(module):
+                continue
+            module = module[-1]
         entries.append((module, int(item.get("num_chs", 0)) or None, int(item.get("reduction", 1))))
     if not entries:
         raise NoStagesError(f"{name}: no feature_info modules to read stage features from")

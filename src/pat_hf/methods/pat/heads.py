@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...taps import StageSpec, as_map
+from ..norms import AnyBatchNorm1d, AnyBatchNorm2d
 
 __all__ = [
     "FeedbackAligner",
@@ -141,12 +142,12 @@ class StageAligner(nn.Module):
         self.spec = teacher_spec
         self.grid = math.isqrt(num_tokens)
         if teacher_spec.kind == "map":
-            self.norm = nn.BatchNorm2d(dim)
+            self.norm = AnyBatchNorm2d(dim)
             self.proj = nn.Conv2d(dim, teacher_spec.channels, 1, bias=False)
         else:
-            self.token_norm = nn.BatchNorm1d(num_tokens)
+            self.token_norm = AnyBatchNorm1d(num_tokens)
             self.proj = nn.Linear(dim, teacher_spec.channels)
-            self.channel_norm = nn.BatchNorm1d(teacher_spec.channels)
+            self.channel_norm = AnyBatchNorm1d(teacher_spec.channels)
             self.token_proj = nn.Linear(num_tokens, teacher_spec.num_patches)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -167,7 +168,7 @@ class FeedbackAligner(nn.Module):
     def __init__(self, source: StageSpec, target: StageSpec) -> None:
         super().__init__()
         self.size = (target.height, target.width)
-        self.norm = nn.BatchNorm2d(source.channels)
+        self.norm = AnyBatchNorm2d(source.channels)
         self.proj = nn.Conv2d(source.channels, target.channels, 1, bias=False)
 
     def forward(self, feedback: torch.Tensor) -> torch.Tensor:
