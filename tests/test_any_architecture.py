@@ -264,3 +264,58 @@ def test_last_batch_of_one_image_trains(method, tmp_path):
     result = trainer.train()
     assert trainer.state.global_step == 2
     assert math.isfinite(result.training_loss)
+
+
+def _specs(model, family, sites, size):
+    from pat_hf.taps.engine import StageTaps
+
+    taps = StageTaps(family, sites)
+    try:
+        taps._run_probe(model, size, 3)
+        return list(taps.output_specs), list(taps.input_specs)
+    finally:
+        taps.remove()
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet18", {}),
+        ("convnext_atto", {}),
+        ("mobilenetv3_small_100", {}),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 64}),
+        ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}),
+        ("resmlp_12_224", {"img_size": 64}),
+    ],
+)
+def test_generic_timm_rule_reproduces_the_family_rules(name, kwargs):
+    """On the timm families of the paper the generic rule (feature_info) finds the same stage outputs and inputs
+    as the family rules: those are kept only for what the generic rule cannot know (the residual blocks that
+    pat_checkpoint_teacher recomputes) and for the paper's own choices (MobileNetV2's conv head as stage 4,
+    EfficientNet's first stage starting at the stem)."""
+    from pat_hf import create_student
+    from pat_hf.taps.families import _timm_family, _timm_sites
+    from pat_hf.taps.generic import timm_generic_sites
+
+    model = create_student(name, num_classes=3, **kwargs)
+    family = _timm_family(model)
+    size = (64, 64)
+    assert _specs(model, family, _timm_sites(model, family, size), size) == _specs(
+        model, "generic", timm_generic_sites(model, size, 3), size
+    )
+
+
+def test_mobilenetv2_keeps_the_official_conv_head_stage():
+    """Why the MobileNetV2 rule stays: the official PAT code takes the 1280-channel conv head as stage 4 (the
+    paper's head sizes depend on it); the generic rule would take the last block (320 channels)."""
+    from pat_hf import create_student
+    from pat_hf.taps.generic import timm_generic_sites
+
+    model = create_student("mobilenetv2_100", num_classes=3)
+    family_taps = build_taps(model, 64)
+    try:
+        assert family_taps.output_specs[-1].channels == 1280
+    finally:
+        family_taps.remove()
+    generic, _ = _specs(model, "generic", timm_generic_sites(model, (64, 64), 3), (64, 64))
+    assert generic[-1].channels == 320

@@ -1,4 +1,4 @@
-"""The hook engine: :class:`StageTaps` (forward hooks reading and rewriting the 4 stage features, the probe
+"""The hook engine: :class:`StageTaps` (forward hooks reading and rewriting the stage features, the probe
 forward measuring their layouts), the hook factories, and :func:`build_taps`, which puts it all together.
 
 Imports :mod:`.layout` and :mod:`.families` from the package; nothing in the package imports it but ``__init__``.
@@ -41,15 +41,20 @@ def _hf_swin_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
 
 
 class StageTaps:
-    """Forward hooks on a model's 4 stage modules (no monkey-patching of any class, no forward rewriting).
+    """Forward hooks on a model's stage modules, 1 to 4 (no monkey-patching of any class, no forward rewriting).
 
-    Build it with :func:`build_taps`. Stages are indexed 0..3.
+    Build it with :func:`build_taps`. Stages are indexed 0..num_stages-1.
 
     Attributes:
-        family: The detected family, e.g. ``"hf_vit"``, ``"timm_resnet"``, ``"hf_timm_wrapper:timm_resnet"``.
+        family: The rule that found the stages, e.g. ``"hf_vit"``, ``"timm_resnet"``, ``"timm_generic"``,
+            ``"hf_generic"``, ``"hf_timm_wrapper:timm_generic"`` (internal; messages name the model instead).
+        model_name: The model, as messages name it.
+        num_stages: The number of stages (1 to 4).
+        convolutional: Whether every stage is a convolutional map (timm Swin's NHWC maps and tokens are not).
         blocks: The model's residual blocks in forward order (what PAT can recompute in the backward).
-        output_specs: Layout of each stage's output, in canonical layout (4 entries).
-        input_specs: Layout of each stage's input as a ``"map"`` spec of its patch grid (prefix tokens excluded).
+        output_specs: Layout of each stage's output, in canonical layout (``num_stages`` entries).
+        input_specs: Layout of each stage's input as a ``"map"`` spec of its patch grid (prefix tokens excluded);
+            None for a stage whose input no module gives (no prompt can go there).
 
     The hooks hold only weak references to the taps and to the hooked modules, and do nothing when fired on a
     different module: a ``copy.deepcopy`` of a tapped model (e.g. an EMA copy) behaves as an untapped model.
@@ -217,9 +222,9 @@ class StageTaps:
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[torch.Tensor]]:
-        """Captures the 4 stage outputs of every forward run inside the block.
+        """Captures the stage outputs of every forward run inside the block.
 
-        After a forward, the yielded list holds 4 tensors, entry ``i`` being stage ``i``'s output of the most
+        After a forward, the yielded list holds ``num_stages`` tensors, entry ``i`` being stage ``i``'s output of the most
         recent forward in canonical layout (maps (B, C, H, W), tokens (B, P + H·W, C) with prefix tokens first),
         attached to the autograd graph. Forwards outside the block record nothing; nested blocks capture into
         the innermost list. The taps drop their reference to the list on exit; the list itself is left as is.
@@ -241,13 +246,13 @@ class StageTaps:
         """Replaces the input of the given stages by a transform of it, for every later forward.
 
         Args:
-            transforms: Stage index (0..3) to a callable receiving the stage input's patch grid as a map
+            transforms: Stage index (0..num_stages-1) to a callable receiving the stage input's patch grid as a map
                 (B, C, H, W) and returning a map of the same shape. Prefix tokens bypass it unchanged; the taps
                 convert tokens and NHWC inputs to and from the map. ``None`` (or ``{}``) removes all transforms.
                 Stages that share a block (models with fewer than 4 blocks or stages) apply theirs in order.
 
         Raises:
-            ValueError: On a stage index outside 0..3 or a non-callable transform.
+            ValueError: On a stage index outside 0..num_stages-1 or a non-callable transform.
         """
         transforms = dict(transforms or {})
         for index, transform in transforms.items():
@@ -271,7 +276,7 @@ class StageTaps:
         self._sinks.clear()
 
     def _run_probe(self, model: nn.Module, image_size: tuple[int, int], in_channels: int) -> None:
-        """One no-grad forward in eval mode (no batch-statistics update, no dropout) to read the 4 specs."""
+        """One no-grad forward in eval mode (no batch-statistics update, no dropout) to read the specs."""
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32

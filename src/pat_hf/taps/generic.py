@@ -157,19 +157,21 @@ def timm_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channel
             module = model.get_submodule(str(item["module"]))
         except AttributeError:
             continue
-        if isinstance(module, nn.ModuleList):
-            # A list is never called (no hook fires on it): its last module gives the feature.
+        first = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            # A list is never called, and timm's gradient checkpointing runs a Sequential's children without it
+            # (checkpoint_seq(..., flatten=True)): its first and last modules carry the hooks instead.
             if not len(module):
                 continue
-            module = module[-1]
-        entries.append((module, int(item.get("num_chs", 0)) or None, int(item.get("reduction", 1))))
+            first, module = module[0], module[-1]
+        entries.append((first, module, int(item.get("num_chs", 0)) or None, int(item.get("reduction", 1))))
     if not entries:
         raise NoStagesError(f"{name}: no feature_info modules to read stage features from")
-    modules = [module for module, _, _ in entries]
+    modules = list(dict.fromkeys(m for first, last, _, _ in entries for m in (first, last)))
     inputs, outputs, _ = _probe(model, modules, lambda: model(_probe_input(model, image_size, in_channels)))
 
     usable = []  # (entry index, layout, prefix, grid)
-    for index, (module, channels, reduction) in enumerate(entries):
+    for index, (_, module, channels, reduction) in enumerate(entries):
         tensor = _first_tensor(outputs.get(id(module)))
         if tensor is None:
             continue
@@ -183,41 +185,56 @@ def timm_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channel
     if not usable:
         raise NoStagesError(f"{name}: none of its feature_info modules gives a map or token feature")
 
-    reductions = {entries[i][2] for i, *_ in usable}
+    reductions = {entries[i][3] for i, *_ in usable}
     if len(reductions) > 1:
         # Hierarchical: the last usable module per reduction (consecutive runs), the deepest ones.
         chosen = []
         for position, item in enumerate(usable):
             following = usable[position + 1] if position + 1 < len(usable) else None
-            if following is None or entries[following[0]][2] != entries[item[0]][2]:
+            if following is None or entries[following[0]][3] != entries[item[0]][3]:
                 chosen.append(item)
         firsts = {}
         for item in usable:
-            firsts.setdefault(entries[item[0]][2], item)
+            firsts.setdefault(entries[item[0]][3], item)
         chosen = chosen[-NUM_STAGES:]
-        starts = [firsts[entries[item[0]][2]] for item in chosen]
+        starts = [firsts[entries[item[0]][3]] for item in chosen]
     else:
         ends = _isotropic_ends(len(usable))
         chosen = [usable[i] for i in ends]
         starts = [usable[0]] + [usable[i + 1] for i in ends[:-1]]
     sites = []
-    for (index, layout, prefix, grid), (start_index, *_) in zip(chosen, starts):
-        in_module = entries[start_index][0]
-        in_value = inputs.get(id(in_module))
-        in_layout = None
-        if isinstance(in_value, torch.Tensor):
-            channels = in_value.shape[1] if in_value.dim() == 4 else in_value.shape[-1]
-            grids = [(in_value.shape[2], in_value.shape[3])] if in_value.dim() == 4 else []
-            grids += _reduction_grids(image_size, entries[start_index][2])
-            patch_grid = _patch_grid(model, image_size)
-            if patch_grid is not None:
-                grids.append(patch_grid)
-            in_layout = _detect_layout(in_value, int(channels), grids, image_size)
-        site = _Site(in_module if in_layout else None, entries[index][0], layout, prefix, grid)
-        if in_layout is not None:
-            site.in_layout, site.in_prefix_tokens, site.in_grid = in_layout
+    for position, ((index, layout, prefix, grid), (start_index, *_)) in enumerate(zip(chosen, starts)):
+        site = _Site(None, entries[index][1], layout, prefix, grid)
+        if position:
+            # The stage's input is the previous stage's output: rewritten by a forward hook on that module, in
+            # its (known) layout, so the prompt sees the whole stage, downsampling included.
+            previous_index, *previous_layout = chosen[position - 1]
+            site.in_module, site.in_hook = entries[previous_index][1], "post"
+            site.in_layout, site.in_prefix_tokens, site.in_grid = previous_layout
+        else:
+            in_module = entries[start_index][0]
+            in_layout = _input_layout(inputs.get(id(in_module)), layout, entries[start_index][3], model, image_size)
+            if in_layout is not None:
+                site.in_module = in_module
+                site.in_layout, site.in_prefix_tokens, site.in_grid = in_layout
         sites.append(site)
     return sites
+
+
+def _input_layout(
+    value: Any, output_layout: _Layout, reduction: int, model: nn.Module, image_size: tuple[int, int]
+) -> tuple[_Layout, int, tuple[int, int] | None] | None:
+    """The layout of the first stage's input (a pre-hook's first argument), or None when it is no tensor."""
+    if not isinstance(value, torch.Tensor) or value.dim() not in (3, 4):
+        return None
+    if value.dim() == 4:
+        # A stage whose output is NHWC (timm Swin) takes NHWC input.
+        return ("nhwc", 0, None) if output_layout == "nhwc" else ("map", 0, None)
+    grids = _reduction_grids(image_size, reduction)
+    patch_grid = _patch_grid(model, image_size)
+    if patch_grid is not None:
+        grids.insert(0, patch_grid)
+    return _detect_layout(value, int(value.shape[-1]), grids, image_size)
 
 
 def _patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int] | None:
@@ -326,6 +343,9 @@ def hf_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channels:
         for end in _isotropic_ends(len(stage_candidates)):
             runs.append(stage_candidates[start : end + 1])
             start = end + 1
+    if len(keys) > 1 and len(runs[0]) > 1 and runs[0][0][0] == 0:
+        # The embedding's output (hidden state 0) on the first stage's grid is that stage's input (ConvNeXt, BiT).
+        runs[0] = runs[0][1:]
     sites = []
     for run in runs:
         _, module, kind, prefix, grid, _ = run[-1]
