@@ -226,7 +226,7 @@ def test_siglip2_teacher_is_refused_at_construction(tmp_path):
         _train("siglip2", "test_resnet", "kd", tmp_path)
 
 
-@pytest.mark.parametrize("size", [48, 80])
+@pytest.mark.parametrize("size", [48, 50])
 def test_pvt_v2_student_runs_at_sizes_other_than_224(size, tmp_path):
     """PVT-v2's patch embedding is a 7x7 convolution of stride 4: the input-size check reads the stride (and the
     overlap), not ``patch_size`` (the kernel), so any size timm accepts trains."""
