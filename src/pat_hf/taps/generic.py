@@ -166,7 +166,7 @@ def timm_generic_sites(model: nn.Module, image_size: tuple[int, int], in_channel
             first, module = module[0], module[-1]
         entries.append((first, module, int(item.get("num_chs", 0)) or None, int(item.get("reduction", 1))))
     if not entries:
-        raise NoStagesError(f"{name}: no feature_info modules to read stage features from")
+        raise NoStagesError(f"{name}: its feature_info names no module of the model to read a stage from")
     modules = list(dict.fromkeys(m for first, last, _, _ in entries for m in (first, last)))
     inputs, outputs, _ = _probe(model, modules, lambda: model(_probe_input(model, image_size, in_channels)))
 
