@@ -203,6 +203,7 @@ def test_swin_like_teachers_keep_the_pre_downsampling_rule():
             taps.remove()
 
 
+@pytest.mark.slow  # ~12 s: CvT's smallest buildable config has 20M parameters
 def test_three_stage_models_run_with_three_stages_and_explicit_stage_four_is_refused(tmp_path):
     """CvT (3 hidden-state stages) with a LeViT student (3 stages): OFA's and PAT's stage lists follow; an explicit
     stage 4 is refused at construction with a message naming the model."""
