@@ -48,9 +48,7 @@ def _map_spec(spec: StageSpec) -> StageSpec:
     return StageSpec("map", spec.channels, spec.height, spec.width)
 
 
-def _resolve_prompt_stages(
-    stages: list[int], input_specs: list[StageSpec | None], model: nn.Module, model_name: str
-) -> list[int]:
+def _resolve_prompt_stages(stages: list[int], input_specs: list[StageSpec | None], model_name: str) -> list[int]:
     """The prompt stages for a teacher with ``len(input_specs)`` stages.
 
     The default (all 4) becomes every stage that has an input site; an explicit stage beyond the teacher's stage
@@ -129,9 +127,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         student_specs = self.student_taps.output_specs[self._student_offset :]
         teacher_in_specs = self.teacher_taps.input_specs[self._teacher_offset :]
         self.teacher_output_specs = list(self.teacher_taps.output_specs[self._teacher_offset :])
-        self.prompt_stages = _resolve_prompt_stages(
-            self.prompt_stages, teacher_in_specs, teacher.model, self.teacher_taps.model_name
-        )
+        self.prompt_stages = _resolve_prompt_stages(self.prompt_stages, teacher_in_specs, self.teacher_taps.model_name)
         if self.checkpoint_teacher and not self.teacher_taps.blocks:
             raise ValueError(
                 f"pat_checkpoint_teacher recomputes the teacher's residual blocks, but the blocks of "
