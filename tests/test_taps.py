@@ -697,21 +697,36 @@ def test_transform_errors():
         taps.remove()
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
-        pytest.param("test_byobnet", id="timm_byobnet"),
-    ],
-)
-def test_unsupported_architecture(model):
-    if isinstance(model, str):
-        model = timm.create_model(model, pretrained=False)
-    with pytest.raises(ValueError, match="supported") as info:
+def test_model_without_stages_is_refused_naming_it_and_the_logit_methods():
+    """A model with neither timm's feature_info nor transformers' hidden states has no stage to read: refused with
+    a message that names the model and the methods that work with it, never internal family ids, and no hook
+    left behind."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="Sequential") as info:
         build_taps(model, 32)
+    message = str(info.value)
+    assert "kd, dkd, dist" in message
     for family in (*SUPPORTED_TEACHERS, *SUPPORTED_STUDENTS):
-        assert family in str(info.value)
+        assert family not in message
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_timm_model_outside_the_family_rules_gets_generic_stages():
+    """test_byobnet (no family rule): the last feature_info module per reduction, the deepest 4."""
+    model = timm.create_model("test_byobnet", pretrained=False)
+    taps = build_taps(model, 64)
+    try:
+        assert taps.family == "timm_generic"
+        by_reduction = {}
+        for info in model.feature_info:
+            by_reduction[info["reduction"]] = (info["num_chs"], info["module"])
+        expected = [by_reduction[r] for r in sorted(by_reduction)[-4:]]
+        assert [(s.channels, s.height) for s in taps.output_specs] == [
+            (channels, 64 // r) for r, (channels, _) in zip(sorted(by_reduction)[-4:], expected)
+        ]
+        assert all(s.kind == "map" for s in taps.output_specs)
+    finally:
+        taps.remove()
 
 
 @pytest.mark.parametrize(

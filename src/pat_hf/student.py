@@ -270,6 +270,26 @@ def _fixed_input_size(student: nn.Module) -> tuple[int, int] | None:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def _patch_stride(patch_embed: nn.Module) -> tuple[int, int] | None:
+    """The stride of a patch embedding, read from its convolution (PVT-v2: kernel 7, stride 4), not its
+    ``patch_size`` attribute (the kernel)."""
+    convs = [m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1:
+        return None  # a stem of several convolutions pads: any size works
+    return int(convs[0].stride[0]), int(convs[0].stride[1])
+
+
+def _cuts_into_patches(patch_embed: nn.Module) -> bool:
+    """Whether the embedding drops the border of an input that is not a multiple of its stride: a convolution
+    whose kernel equals its stride and that does not pad (ViT), unlike an overlapping one (PVT-v2, kernel 7)."""
+    convs = [m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1:
+        return False
+    conv = convs[0]
+    padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+    return tuple(conv.kernel_size) == tuple(conv.stride) and tuple(padding) == (0, 0)
+
+
 def reconcile_student_view(
     student: nn.Module,
     processing_class: Any = None,
@@ -321,11 +341,11 @@ def reconcile_student_view(
             f"img_size=...)) or build the dataset with ImageView.from_timm(student)."
         )
     patch_embed = getattr(student, "patch_embed", None)
-    patch = getattr(patch_embed, "patch_size", None)
-    patch = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
+    patch = _patch_stride(patch_embed) if isinstance(patch_embed, nn.Module) else None
     if (
         patch
         and not getattr(patch_embed, "dynamic_img_pad", False)
+        and _cuts_into_patches(patch_embed)
         and (data.size[0] % patch[0] or data.size[1] % patch[1])
     ):
         raise ValueError(

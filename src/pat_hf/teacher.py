@@ -355,6 +355,18 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
     return os.path.dirname(found) if isinstance(found, str) else None
 
 
+def _required_extra_inputs(model: nn.Module) -> list[str]:
+    """Inputs besides ``pixel_values`` that the model's forward uses to read its pixels (SigLIP-2: a pixel
+    attention mask and the patches' spatial shapes), found from the forward's signature."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in ("pixel_attention_mask", "spatial_shapes") if name in parameters]
+
+
 def load_teacher(
     teacher: nn.Module | str,
     *,
@@ -431,6 +443,14 @@ def load_teacher(
             f"ViTForImageClassification, SwinForImageClassification, ConvNextForImageClassification or "
             f"TimmWrapperForImageClassification); got {type(model).__name__}. A timm model can be used as a "
             "teacher through TimmWrapperForImageClassification."
+        )
+    extra_inputs = _required_extra_inputs(model)
+    if extra_inputs:
+        # Refused here, not at step 1 inside transformers: pat_hf feeds teachers images (pixel_values) only.
+        raise TeacherLoadError(
+            f"The teacher {type(model).__name__} takes pre-patchified input with {' and '.join(extra_inputs)} "
+            "besides pixel_values (SigLIP-2's NaFlex format), which pat_hf does not build: no distillation method "
+            "can feed it. Use a teacher that takes images (pixel_values) alone, e.g. a SigLIP (v1) or ViT classifier."
         )
     if image_processor is not None:
         own_view = ImageView.from_image_processor(image_processor, model.config)

@@ -109,6 +109,26 @@ def check_stage_list(args: Any, name: str) -> None:
     setattr(args, name, sorted(stages))
 
 
+def resolve_stages(stages: list[int], available: int, name: str, model_name: str) -> list[int]:
+    """A method's stage list for a model with ``available`` stages (1 to 4).
+
+    The default, all 4, becomes ``1..available``; an explicit stage beyond the model's count is refused.
+
+    Raises:
+        ValueError: A stage beyond ``available``, naming the model and its stage count.
+    """
+    stages = [int(s) for s in stages]
+    if stages == [1, 2, 3, 4]:
+        return list(range(1, available + 1))
+    beyond = [s for s in stages if s > available]
+    if beyond:
+        raise ValueError(
+            f"{name} {stages}: {model_name} has {available} stage(s), so stage(s) {beyond} do not exist. Set "
+            f"{name} among 1..{available} (or leave the default, all of them)."
+        )
+    return stages
+
+
 def student_region(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The student's logits (its stage taps, when a method has some, fill their capture lists): a region."""
     return student_logits(student, pixel_values)

@@ -36,6 +36,7 @@ from .base import (
     DistillationMethod,
     DistillationOutput,
     init_head_weights,
+    resolve_stages,
     student_region,
     teacher_region,
 )
@@ -171,6 +172,13 @@ class FitNetDistillation(DistillationMethod):
         self.teacher_taps = build_taps(teacher.model, image_size=teacher.view.size)
         self.student_specs: list[StageSpec] = list(self.student_taps.output_specs)
         self.teacher_specs: list[StageSpec] = list(self.teacher_taps.output_specs)
+        if [s for s, _ in self.pairs] == [1, 2, 3, 4] and not args.fitnet_teacher_stages:
+            # The default pairs every stage with the same teacher stage: as many as both sides have.
+            count = min(len(self.student_specs), len(self.teacher_specs))
+            self.pairs = [(s, s) for s in range(1, count + 1)]
+        for s, t in self.pairs:
+            resolve_stages([s], len(self.student_specs), "fitnet_stages", self.student_taps.model_name)
+            resolve_stages([t], len(self.teacher_specs), "fitnet_teacher_stages", self.teacher_taps.model_name)
         self.connectors = nn.ModuleDict(
             {
                 self.pair_name(s, t): HintConnector(self.student_specs[s - 1], self.teacher_specs[t - 1])
@@ -192,9 +200,11 @@ class FitNetDistillation(DistillationMethod):
         with self.student_taps.capture() as student_features:
             logits = self.region(student_region)(student, batch.pixel_values)
         for side, features in (("student", student_features), ("teacher", teacher_features)):
-            if len(features) != 4 or any(f is None for f in features):
+            expected = len(self.student_specs if side == "student" else self.teacher_specs)
+            if len(features) != expected or any(f is None for f in features):
                 raise RuntimeError(
-                    f"Captured {len(features)} stage features from the {side}, expected 4: was the method called "
+                    f"Captured {len(features)} stage features from the {side}, expected {expected}: was the method "
+                    "called "
                     f"with the {side} it was built for?"
                 )
         hints = {s: student_features[s - 1] for s, _ in self.pairs}

@@ -1,13 +1,15 @@
-"""Stage taps: read (and, for PAT's prompts, rewrite) the 4 stage features of teachers and students.
+"""Stage taps: read (and, for PAT's prompts, rewrite) the stage features (up to 4) of teachers and students.
 
-Every supported model is cut into 4 stages (see docs/methods.md). A stage feature is read in a canonical
-layout described by :class:`StageSpec`: a map (B, C, H, W), or tokens (B, P + H·W, C) whose P prefix tokens
-(cls, distillation) come FIRST, as in timm and transformers.
+Any timm model (from ``feature_info``) and any transformers image classifier (from its hidden states) is cut into
+up to 4 stages (see docs/architectures.md). A stage feature is read in a canonical layout described by
+:class:`StageSpec`: a map (B, C, H, W), or tokens (B, P + H·W, C) whose P prefix tokens (cls, distillation,
+registers) come FIRST, as in timm and transformers.
 
 Split by what changes together, each part importing only those before it:
 
 - :mod:`.layout`: :class:`StageSpec`, the layout conversions and the rule cutting blocks into 4 stages;
-- :mod:`.families`: the supported families, where each one's stages and blocks are (edit it to add a family);
+- :mod:`.generic`: the stage sites of any model, found from timm's and transformers' public APIs;
+- :mod:`.families`: the family rules kept where the generic one is measurably wrong or the paper fixes the stages;
 - :mod:`.engine`: the hook engine (:class:`StageTaps`, the probe) and :func:`build_taps`.
 """
 

@@ -1,4 +1,4 @@
-"""The hook engine: :class:`StageTaps` (forward hooks reading and rewriting the 4 stage features, the probe
+"""The hook engine: :class:`StageTaps` (forward hooks reading and rewriting the stage features, the probe
 forward measuring their layouts), the hook factories, and :func:`build_taps`, which puts it all together.
 
 Imports :mod:`.layout` and :mod:`.families` from the package; nothing in the package imports it but ``__init__``.
@@ -24,8 +24,8 @@ from .families import (
     _timm_family,
     _timm_image_size,
     _timm_sites,
-    _unsupported,
 )
+from .generic import NoStagesError, hf_generic_sites, timm_generic_sites
 from .layout import NUM_STAGES, StageSpec, _Site, map_to_tokens, tokens_to_map
 
 # --------------------------------------------------------------------------------------------------------------
@@ -41,15 +41,20 @@ def _hf_swin_grid(args: tuple, kwargs: dict) -> tuple[int, int]:
 
 
 class StageTaps:
-    """Forward hooks on a model's 4 stage modules (no monkey-patching of any class, no forward rewriting).
+    """Forward hooks on a model's stage modules, 1 to 4 (no monkey-patching of any class, no forward rewriting).
 
-    Build it with :func:`build_taps`. Stages are indexed 0..3.
+    Build it with :func:`build_taps`. Stages are indexed 0..num_stages-1.
 
     Attributes:
-        family: The detected family, e.g. ``"hf_vit"``, ``"timm_resnet"``, ``"hf_timm_wrapper:timm_resnet"``.
+        family: The rule that found the stages, e.g. ``"hf_vit"``, ``"timm_resnet"``, ``"timm_generic"``,
+            ``"hf_generic"``, ``"hf_timm_wrapper:timm_generic"`` (internal; messages name the model instead).
+        model_name: The model, as messages name it.
+        num_stages: The number of stages (1 to 4).
+        convolutional: Whether every stage is a convolutional map (timm Swin's NHWC maps and tokens are not).
         blocks: The model's residual blocks in forward order (what PAT can recompute in the backward).
-        output_specs: Layout of each stage's output, in canonical layout (4 entries).
-        input_specs: Layout of each stage's input as a ``"map"`` spec of its patch grid (prefix tokens excluded).
+        output_specs: Layout of each stage's output, in canonical layout (``num_stages`` entries).
+        input_specs: Layout of each stage's input as a ``"map"`` spec of its patch grid (prefix tokens excluded);
+            None for a stage whose input no module gives (no prompt can go there).
 
     The hooks hold only weak references to the taps and to the hooked modules, and do nothing when fired on a
     different module: a ``copy.deepcopy`` of a tapped model (e.g. an EMA copy) behaves as an untapped model.
@@ -61,10 +66,14 @@ class StageTaps:
     input_specs: list[StageSpec]
     blocks: list[nn.Module]
 
-    def __init__(self, family: str, sites: list[_Site]) -> None:
-        if len(sites) != NUM_STAGES:
-            raise ValueError(f"expected {NUM_STAGES} stage sites, got {len(sites)}")
+    def __init__(self, family: str, sites: list[_Site], model_name: str | None = None) -> None:
+        if not 1 <= len(sites) <= NUM_STAGES:
+            raise ValueError(f"expected 1 to {NUM_STAGES} stage sites, got {len(sites)}")
         self.family = family
+        self.model_name = model_name or family
+        self.num_stages = len(sites)
+        # Whether map features are convolutional maps (False: transformer tokens laid out as a map, timm Swin).
+        self.convolutional = all(site.layout == "map" for site in sites)
         self.blocks = []
         self.output_specs = []
         self.input_specs = []
@@ -79,21 +88,25 @@ class StageTaps:
 
     def _install(self) -> None:
         inputs: dict[int, tuple[nn.Module, list[int]]] = {}
-        outputs: dict[int, tuple[nn.Module, list[int]]] = {}
+        # Module -> (stages whose output it gives, stages whose input is its output).
+        outputs: dict[int, tuple[nn.Module, list[int], list[int]]] = {}
         for index, site in enumerate(self._sites):
-            inputs.setdefault(id(site.in_module), (site.in_module, []))[1].append(index)
-            outputs.setdefault(id(site.out_module), (site.out_module, []))[1].append(index)
+            if site.in_module is not None and site.in_hook == "pre":
+                inputs.setdefault(id(site.in_module), (site.in_module, []))[1].append(index)
+            elif site.in_module is not None:
+                outputs.setdefault(id(site.in_module), (site.in_module, [], []))[2].append(index)
+            outputs.setdefault(id(site.out_module), (site.out_module, [], []))[1].append(index)
         taps_ref = weakref.ref(self)
         for module, stages in inputs.values():
             hook = _make_pre_hook(taps_ref, weakref.ref(module), tuple(stages))
             self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        for module, stages in outputs.values():
-            hook = _make_post_hook(taps_ref, weakref.ref(module), tuple(stages))
+        for module, stages, rewritten in outputs.values():
+            hook = _make_post_hook(taps_ref, weakref.ref(module), tuple(stages), tuple(rewritten))
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
-    def _token_grid(self, site: _Site, num_patches: int) -> tuple[int, int]:
-        if site.grid is not None and site.grid[0] * site.grid[1] == num_patches:
-            return site.grid
+    def _token_grid(self, grid: tuple[int, int] | None, num_patches: int) -> tuple[int, int]:
+        if grid is not None and grid[0] * grid[1] == num_patches:
+            return grid
         # Another input size than the probe's: only a square grid can be recovered from a token count.
         side = math.isqrt(num_patches)
         if side * side != num_patches:
@@ -112,6 +125,17 @@ class StageTaps:
             if key is None:
                 raise RuntimeError(f"{self.family}: stage input tensor not found in the call's arguments")
             x = kwargs[key]
+        new_x = self._rewrite_input(stages, active, x, args, kwargs)
+        if new_x is None:
+            return None
+        if args:
+            return (new_x, *args[1:]), kwargs
+        return args, {**kwargs, key: new_x}
+
+    def _rewrite_input(
+        self, stages: tuple[int, ...], active: list[int], x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor | None:
+        """The stage input ``x`` with the active transforms applied (None when none is); records the probe's spec."""
         site = self._sites[stages[0]]  # stages sharing an input module share its layout
         feature_map, restore = self._input_to_map(site, x, args, kwargs)
         if self._probe is not None:
@@ -133,24 +157,36 @@ class StageTaps:
             new_x = new_x.contiguous()
         elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             new_x = new_x.contiguous(memory_format=torch.channels_last)
-        if args:
-            return (new_x, *args[1:]), kwargs
-        return args, {**kwargs, key: new_x}
+        return new_x
+
+    def _stage_input_from_output(self, stages: tuple[int, ...], output: object) -> object:
+        """Rewrites a module's output that is the input of ``stages`` (forward hook); None keeps it."""
+        active = [i for i in stages if i in self._transforms]
+        if self._probe is None and not active:
+            return None
+        x = output if isinstance(output, torch.Tensor) else output[0]
+        new_x = self._rewrite_input(stages, active, x, (), {})
+        if new_x is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            return new_x
+        return type(output)((new_x, *output[1:])) if isinstance(output, tuple) else [new_x, *output[1:]]
 
     def _input_to_map(
         self, site: _Site, x: torch.Tensor, args: tuple, kwargs: dict
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The stage input as a (B, C, H, W) map, and the function putting a map back in the input's layout."""
-        if site.layout == "map":
+        layout, prefix_tokens, grid = site.input_layout()
+        if layout == "map":
             return x, lambda m: m
-        if site.layout == "nhwc":
+        if layout == "nhwc":
             return x.permute(0, 3, 1, 2), lambda m: m.permute(0, 2, 3, 1)
-        if site.layout == "hf_swin":
+        if layout == "hf_swin":
             height, width = _hf_swin_grid(args, kwargs)
             feature_map, _ = tokens_to_map(x, 0, height, width)
             return feature_map, map_to_tokens
-        height, width = self._token_grid(site, x.shape[1] - site.prefix_tokens)
-        feature_map, prefix = tokens_to_map(x, site.prefix_tokens, height, width)
+        height, width = self._token_grid(grid, x.shape[1] - prefix_tokens)
+        feature_map, prefix = tokens_to_map(x, prefix_tokens, height, width)
         return feature_map, lambda m: map_to_tokens(m, prefix)
 
     def _stage_output(self, stages: tuple[int, ...], args: tuple, kwargs: dict, output: object) -> None:
@@ -169,7 +205,7 @@ class StageTaps:
                 if site.layout == "hf_swin":
                     grid = _hf_swin_grid(args, kwargs)
                 else:
-                    grid = self._token_grid(site, feature.shape[1] - prefix)
+                    grid = self._token_grid(site.grid, feature.shape[1] - prefix)
                 spec = StageSpec("tokens", feature.shape[2], grid[0], grid[1], prefix)
                 if spec.shape(feature.shape[0]) != tuple(feature.shape):
                     raise RuntimeError(f"{self.family}: stage output {tuple(feature.shape)} does not match {spec}")
@@ -177,8 +213,8 @@ class StageTaps:
                 self._probe["out"][i] = spec
         if self._sinks:
             sink = self._sinks[-1]
-            if len(sink) < NUM_STAGES:
-                sink.extend([None] * (NUM_STAGES - len(sink)))
+            if len(sink) < self.num_stages:
+                sink.extend([None] * (self.num_stages - len(sink)))
             for i in stages:
                 sink[i] = feature
 
@@ -186,9 +222,9 @@ class StageTaps:
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[torch.Tensor]]:
-        """Captures the 4 stage outputs of every forward run inside the block.
+        """Captures the stage outputs of every forward run inside the block.
 
-        After a forward, the yielded list holds 4 tensors, entry ``i`` being stage ``i``'s output of the most
+        After a forward, the yielded list holds ``num_stages`` tensors, entry ``i`` being stage ``i``'s output of the most
         recent forward in canonical layout (maps (B, C, H, W), tokens (B, P + H·W, C) with prefix tokens first),
         attached to the autograd graph. Forwards outside the block record nothing; nested blocks capture into
         the innermost list. The taps drop their reference to the list on exit; the list itself is left as is.
@@ -210,18 +246,18 @@ class StageTaps:
         """Replaces the input of the given stages by a transform of it, for every later forward.
 
         Args:
-            transforms: Stage index (0..3) to a callable receiving the stage input's patch grid as a map
+            transforms: Stage index (0..num_stages-1) to a callable receiving the stage input's patch grid as a map
                 (B, C, H, W) and returning a map of the same shape. Prefix tokens bypass it unchanged; the taps
                 convert tokens and NHWC inputs to and from the map. ``None`` (or ``{}``) removes all transforms.
                 Stages that share a block (models with fewer than 4 blocks or stages) apply theirs in order.
 
         Raises:
-            ValueError: On a stage index outside 0..3 or a non-callable transform.
+            ValueError: On a stage index outside 0..num_stages-1 or a non-callable transform.
         """
         transforms = dict(transforms or {})
         for index, transform in transforms.items():
-            if not isinstance(index, int) or not 0 <= index < NUM_STAGES:
-                raise ValueError(f"stage indices are 0..{NUM_STAGES - 1}, got {index!r}")
+            if not isinstance(index, int) or not 0 <= index < self.num_stages:
+                raise ValueError(f"stage indices are 0..{self.num_stages - 1}, got {index!r}")
             if not callable(transform):
                 raise ValueError(f"the transform of stage {index} is not callable")
         self._transforms = transforms
@@ -240,7 +276,7 @@ class StageTaps:
         self._sinks.clear()
 
     def _run_probe(self, model: nn.Module, image_size: tuple[int, int], in_channels: int) -> None:
-        """One no-grad forward in eval mode (no batch-statistics update, no dropout) to read the 4 specs."""
+        """One no-grad forward in eval mode (no batch-statistics update, no dropout) to read the specs."""
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
@@ -258,11 +294,13 @@ class StageTaps:
             self._transforms = saved_transforms
             for module, training in modes:
                 module.training = training
-        missing = [i for i in range(NUM_STAGES) if i not in probe["in"] or i not in probe["out"]]
+        missing = [i for i in range(self.num_stages) if i not in probe["out"]]
+        missing += [i for i, site in enumerate(self._sites) if site.in_module is not None and i not in probe["in"]]
         if missing:
-            raise RuntimeError(f"{self.family}: the probe forward did not run stage(s) {missing}")
-        self.input_specs = [probe["in"][i] for i in range(NUM_STAGES)]
-        self.output_specs = [probe["out"][i] for i in range(NUM_STAGES)]
+            raise RuntimeError(f"{self.model_name}: the probe forward did not run stage(s) {sorted(set(missing))}")
+        # A stage without an input site (no module gives its input) has no input spec: no prompt can go there.
+        self.input_specs = [probe["in"].get(i) for i in range(self.num_stages)]
+        self.output_specs = [probe["out"][i] for i in range(self.num_stages)]
 
 
 def _make_pre_hook(taps_ref: weakref.ref, module_ref: weakref.ref, stages: tuple[int, ...]) -> Callable:
@@ -277,22 +315,67 @@ def _make_pre_hook(taps_ref: weakref.ref, module_ref: weakref.ref, stages: tuple
     return hook
 
 
-def _make_post_hook(taps_ref: weakref.ref, module_ref: weakref.ref, stages: tuple[int, ...]) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+def _make_post_hook(
+    taps_ref: weakref.ref, module_ref: weakref.ref, stages: tuple[int, ...], rewritten: tuple[int, ...] = ()
+) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         taps = taps_ref()
         if taps is None or module is not module_ref():
-            return
-        taps._stage_output(stages, args, kwargs, output)
+            return None
+        # Read first: a stage's output is read before the next stage's prompt rewrites the same tensor.
+        if stages:
+            taps._stage_output(stages, args, kwargs, output)
+        if rewritten:
+            return taps._stage_input_from_output(rewritten, output)
+        return None
 
     return hook
 
 
+LOGIT_METHODS = ("kd", "dkd", "dist")
+"""Methods that read only logits: they work with any model, stage taps or not."""
+
+
+def _no_stages_error(model: nn.Module, reason: str) -> ValueError:
+    name = _model_name(model)
+    return ValueError(
+        f"Cannot find the stage features of {name} ({reason}), so the feature methods (pat, ofa, fitnet) cannot "
+        f"use it. The logit methods work with it: {', '.join(LOGIT_METHODS)} (distill_method=...)."
+    )
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    architecture = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "")
+    if architecture:
+        return f"the timm model {architecture!r} ({type(model).__name__})"
+    model_type = getattr(config, "model_type", None)
+    if model_type == "timm_wrapper" and getattr(model, "timm_model", None) is not None:
+        return f"the TimmWrapper teacher around {_model_name(model.timm_model)}"
+    if model_type:
+        return f"the transformers model {type(model).__name__} (model_type {model_type!r})"
+    return f"the model {type(model).__name__}"
+
+
+def _is_swin_like(model: nn.Module) -> bool:
+    """transformers models built as Swin (Swin, Swin V2, Donut-Swin): encoder stages that run their blocks and
+    THEN their own downsampling, so their hidden states come after the next stage's downsampling."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return False
+    return all(hasattr(stage, "blocks") and hasattr(stage, "downsample") for stage in layers)
+
+
 def build_taps(model: nn.Module, image_size: tuple[int, int] | int | None = None) -> StageTaps:
-    """Detects the model's family, hooks its 4 stages and probes their layouts.
+    """Finds the model's stages (up to 4), hooks them and probes their layouts.
+
+    A family rule is used where the generic one is measurably wrong or the paper fixes the stages (see
+    :mod:`.families`); every other model gets the generic sites of :mod:`.generic`: timm models from
+    ``feature_info``, transformers classifiers from their hidden states.
 
     Args:
-        model: A transformers classifier of a :data:`SUPPORTED_TEACHERS` family (or its base model), or a timm
-            model of a :data:`SUPPORTED_STUDENTS` family.
+        model: A transformers image classifier (or its base model), or a timm model.
         image_size: Input size of the probe forward, ``(H, W)`` or a side. Default: the model's own input size
             (timm ``patch_embed.img_size`` / ``pretrained_cfg``, transformers ``config.image_size``, else 224).
 
@@ -301,35 +384,51 @@ def build_taps(model: nn.Module, image_size: tuple[int, int] | int | None = None
         mode (the training flags of all modules are restored afterwards).
 
     Raises:
-        ValueError: The architecture is not supported (the message names the supported families).
+        ValueError: No stage feature can be found (the message names the model and the methods that work).
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) if config is not None else None
     size = _pair(image_size) if image_size is not None else None
-    if model_type in _HF_FAMILIES:
-        family = _HF_FAMILIES[model_type]
-        if family == "hf_timm_wrapper":
-            inner = getattr(model, "timm_model", None)
-            inner_family = _timm_family(inner) if inner is not None else None
-            if inner_family is None:
-                raise _unsupported(inner if inner is not None else model)
-            size = size or _timm_image_size(inner)
-            sites = _timm_sites(inner, inner_family, size)
-            family = f"{family}:{inner_family}"
+    try:
+        if config is not None and model_type is not None:
+            if model_type == "timm_wrapper":
+                inner = getattr(model, "timm_model", None)
+                if inner is None:
+                    raise NoStagesError("a TimmWrapper without its timm_model")
+                size = size or _timm_image_size(inner)
+                in_channels = _first_conv_channels(model) or 3
+                inner_family = _timm_family(inner)
+                if inner_family is not None:
+                    sites = _timm_sites(inner, inner_family, size)
+                else:
+                    inner_family = "timm_generic"
+                    sites = timm_generic_sites(inner, size, in_channels)
+                family = f"hf_timm_wrapper:{inner_family}"
+            else:
+                if size is None:
+                    config_size = getattr(config, "image_size", None)
+                    size = _pair(config_size) if config_size is not None else (224, 224)
+                in_channels = int(getattr(config, "num_channels", 0) or _first_conv_channels(model) or 3)
+                family = _HF_FAMILIES.get(model_type)
+                if family is None and _is_swin_like(model):
+                    family = "hf_swin"
+                if family is not None:
+                    sites = _hf_sites(model, family, size)
+                else:
+                    family = "hf_generic"
+                    sites = hf_generic_sites(model, size, in_channels)
         else:
-            if size is None:
-                config_size = getattr(config, "image_size", None)
-                size = _pair(config_size) if config_size is not None else (224, 224)
-            sites = _hf_sites(model, family, size)
-        in_channels = int(getattr(config, "num_channels", 0) or _first_conv_channels(model) or 3)
-    else:
-        family = _timm_family(model)
-        if family is None:
-            raise _unsupported(model)
-        size = size or _timm_image_size(model)
-        sites = _timm_sites(model, family, size)
-        in_channels = _first_conv_channels(model) or 3
-    taps = StageTaps(family, sites)
+            size = size or _timm_image_size(model)
+            in_channels = _first_conv_channels(model) or 3
+            family = _timm_family(model)
+            if family is not None:
+                sites = _timm_sites(model, family, size)
+            else:
+                family = "timm_generic"
+                sites = timm_generic_sites(model, size, in_channels)
+    except NoStagesError as error:
+        raise _no_stages_error(model, str(error).split(": ", 1)[-1]) from None
+    taps = StageTaps(family, sites, model_name=_model_name(model))
     try:
         taps.blocks = _block_modules(model, family)
         taps._run_probe(model, size, in_channels)

@@ -1,9 +1,15 @@
-"""Architecture families: which models can be tapped and where their 4 stages and blocks are.
+"""Family rules: the families whose stages (and residual blocks) keep their own rule.
 
-Lives here everything one edits to add a family: the supported families (:data:`SUPPORTED_TEACHERS`,
-:data:`SUPPORTED_STUDENTS`, ``_HF_FAMILIES``), timm family detection (``_timm_family``), the stage sites of each
-family (``_timm_sites``, ``_hf_sites``, ``_efficientnet_sites``), its residual blocks (``_block_modules``), the
-argument names its stage modules receive their input under (``_HIDDEN_KWARGS``), and the input-size helpers.
+Every other model gets the generic sites of :mod:`.generic`; a family keeps a rule where the generic one is
+measurably wrong (transformers' Swin-like stages: hidden states after the stage's own downsampling), where the
+paper fixes the stages (MobileNetV2's conv head as stage 4), or for what the generic rule cannot find: the
+residual blocks that ``pat_checkpoint_teacher`` recomputes (``_block_modules``). On the timm families the generic
+rule finds the same stages (tests/test_any_architecture.py).
+
+Lives here: the family tables (:data:`SUPPORTED_TEACHERS`, :data:`SUPPORTED_STUDENTS`, ``_HF_FAMILIES``), timm
+family detection (``_timm_family``), the stage sites of each family (``_timm_sites``, ``_hf_sites``,
+``_efficientnet_sites``), its residual blocks (``_block_modules``), the argument names its stage modules receive
+their input under (``_HIDDEN_KWARGS``), and the input-size helpers.
 
 Imports only :mod:`.layout` from the package; :mod:`.engine` builds on it.
 """
@@ -25,7 +31,7 @@ SUPPORTED_TEACHERS: tuple[str, ...] = (
     "hf_resnet",
     "hf_timm_wrapper",
 )
-"""Families of transformers classifiers (``hf_timm_wrapper`` wraps any of the timm families below)."""
+"""transformers families with their own rule (any other classifier gets the generic sites; not a gate)."""
 
 SUPPORTED_STUDENTS: tuple[str, ...] = (
     "timm_resnet",
@@ -38,7 +44,8 @@ SUPPORTED_STUDENTS: tuple[str, ...] = (
     "timm_mixer",
     "timm_resmlp",
 )
-"""Families of timm models (ViT covers DeiT, distilled or not)."""
+"""timm families with their own rule (ViT covers DeiT, distilled or not; any other timm model gets the generic
+sites; not a gate)."""
 
 
 _HF_FAMILIES = {
@@ -219,7 +226,9 @@ def _children(container: nn.Module) -> list[nn.Module]:
 
 def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
     """The model's residual blocks in forward order: the units :class:`pat_hf.recompute.BlockRecompute` can
-    recompute in the backward instead of keeping their activations."""
+    recompute in the backward instead of keeping their activations (none known for generic sites)."""
+    if family.endswith("_generic"):
+        return []
     if family.startswith("hf_timm_wrapper:"):
         return _block_modules(model.timm_model, family.split(":", 1)[1])
     if family.startswith("hf_"):
@@ -243,13 +252,6 @@ def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
 
 
 _HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "input", "features", "input_feature")
-
-
-def _unsupported(model: nn.Module) -> ValueError:
-    return ValueError(
-        f"cannot tap the stages of a {type(model).__name__}: supported teachers (transformers) are "
-        f"{', '.join(SUPPORTED_TEACHERS)}; supported students (timm) are {', '.join(SUPPORTED_STUDENTS)}"
-    )
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:

@@ -91,13 +91,29 @@ def as_map(feature: torch.Tensor, spec: StageSpec) -> torch.Tensor:
 
 @dataclass
 class _Site:
-    """Where one stage is read: the input of ``in_module`` and the output of ``out_module``."""
+    """Where one stage is read: the input of ``in_module`` and the output of ``out_module``.
 
-    in_module: nn.Module
+    The stage input is rewritten by a forward pre-hook on ``in_module`` (``in_hook="pre"``: its first argument), or
+    by a forward hook on it (``in_hook="post"``: its output, when the stage input is another module's output, as
+    a transformers hidden state is). ``in_module`` None: the stage has no input site (no prompt can go there).
+    ``in_layout`` / ``in_prefix_tokens`` / ``in_grid`` describe the input when it differs from the output's layout.
+    """
+
+    in_module: nn.Module | None
     out_module: nn.Module
     layout: _Layout
     prefix_tokens: int = 0
     grid: tuple[int, int] | None = None  # patch grid at the probe size, for "tokens"
+    in_hook: Literal["pre", "post"] = "pre"
+    in_layout: _Layout | None = None
+    in_prefix_tokens: int = 0
+    in_grid: tuple[int, int] | None = None
+
+    def input_layout(self) -> tuple[_Layout, int, tuple[int, int] | None]:
+        """(layout, prefix tokens, grid) of the stage input."""
+        if self.in_layout is None:
+            return self.layout, self.prefix_tokens, self.grid
+        return self.in_layout, self.in_prefix_tokens, self.in_grid
 
 
 def _group_ranges(num_units: int, ends: tuple[float, ...]) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ...taps import StageSpec, tokens_to_map
 from ..base import init_head_weights
+from ..norms import AnyBatchNorm2d
 
 __all__ = [
     "ConvBranchHead",
@@ -54,11 +55,11 @@ class SepConv(nn.Module):
         self.op = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False),
             nn.Conv2d(in_channels, in_channels, 1, bias=False),
-            nn.BatchNorm2d(in_channels),
+            AnyBatchNorm2d(in_channels),
             nn.ReLU(),
             nn.Conv2d(in_channels, in_channels, 3, stride=1, padding=1, groups=in_channels, bias=False),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            AnyBatchNorm2d(out_channels),
             nn.ReLU(),
         )
 
@@ -117,7 +118,7 @@ class ConvBranchHead(nn.Module):
         else:
             # The OFA code uses a bare 1x1 conv here; with BN + ReLU the stage-4 head is not a plain linear map of
             # the pooled feature, like the heads of the earlier stages.
-            blocks += [nn.Conv2d(spec.channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            blocks += [nn.Conv2d(spec.channels, width, 1, bias=False), AnyBatchNorm2d(width), nn.ReLU()]
         self.blocks = nn.Sequential(*blocks)
         self.classifier = nn.Linear(width, num_classes)
 

@@ -17,11 +17,12 @@ from ..base import (
     DistillationMethod,
     DistillationOutput,
     check_stage_list,
+    resolve_stages,
     student_region,
     teacher_region,
 )
 from ..registry import register_method
-from .heads import build_branch_head, is_convolutional_family, teacher_feature_dim
+from .heads import build_branch_head, teacher_feature_dim
 
 if TYPE_CHECKING:
     from ...configuration import PATTrainingArguments
@@ -91,10 +92,17 @@ class OFADistillation(DistillationMethod):
         # The taps only hold forward hooks on the student: a plain attribute, so no parameter or state is duplicated.
         self._taps = build_taps(student)
         self.specs: list[StageSpec] = list(self._taps.output_specs)
+        self.stages = resolve_stages(self.stages, len(self.specs), "ofa_stages", self._taps.model_name)
+        if len(eps) == len(args.ofa_stages) + 1 and len(self.stages) != len(args.ofa_stages):
+            # One value per default stage: keep the ones of the stages the student has, and the final one.
+            eps = [eps[s - 1] for s in self.stages] + [eps[-1]]
+        elif len(set(eps)) == 1:
+            eps = [eps[0]] * (len(self.stages) + 1)
+        self.epsilon = eps
         student_dim = self.specs[-1].channels
         teacher_dim = teacher_feature_dim(teacher.model) if teacher is not None else None
         self.head_width = max(student_dim, teacher_dim or student_dim)
-        convolutional = is_convolutional_family(self._taps.family)
+        convolutional = self._taps.convolutional
         if not convolutional:
             # As in the official code: token heads work at the student's own width (max(d_s, d_t) would make a
             # DeiT-T student's heads 14x larger with a 768-wide teacher).
@@ -102,7 +110,12 @@ class OFADistillation(DistillationMethod):
         self.heads = nn.ModuleDict(
             {
                 f"s{stage}": build_branch_head(
-                    self.specs[stage - 1], stage, self.head_width, num_classes, convolutional
+                    self.specs[stage - 1],
+                    # A student with fewer than 4 stages: its last stage gets the head of stage 4, and so on.
+                    stage + 4 - len(self.specs),
+                    self.head_width,
+                    num_classes,
+                    convolutional,
                 )
                 for stage in self.stages
             }

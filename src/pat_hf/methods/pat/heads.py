@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...taps import StageSpec, as_map
+from ..norms import AnyBatchNorm1d, AnyBatchNorm2d
 
 __all__ = [
     "FeedbackAligner",
@@ -68,7 +69,8 @@ class RegionAwareAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.specs = list(student_specs)
-        self.grid = region_grid(num_queries, len(self.specs))
+        # Nq / 4 region tokens per stage whatever the stage count (a model with 3 stages gets 3 x Nq / 4 tokens).
+        self.grid = region_grid(num_queries)
         self.dim, self.num_heads = dim, num_heads
         self.kernels = []
         embeds = []
@@ -80,7 +82,8 @@ class RegionAwareAttention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.register_buffer("positions", sinusoidal_positions(num_queries, dim), persistent=False)
+        length = self.grid * self.grid * len(self.specs)
+        self.register_buffer("positions", sinusoidal_positions(length, dim), persistent=False)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Maps the 4 student stage features to 4 × (B, grid², D) attended region tokens."""
@@ -139,12 +142,12 @@ class StageAligner(nn.Module):
         self.spec = teacher_spec
         self.grid = math.isqrt(num_tokens)
         if teacher_spec.kind == "map":
-            self.norm = nn.BatchNorm2d(dim)
+            self.norm = AnyBatchNorm2d(dim)
             self.proj = nn.Conv2d(dim, teacher_spec.channels, 1, bias=False)
         else:
-            self.token_norm = nn.BatchNorm1d(num_tokens)
+            self.token_norm = AnyBatchNorm1d(num_tokens)
             self.proj = nn.Linear(dim, teacher_spec.channels)
-            self.channel_norm = nn.BatchNorm1d(teacher_spec.channels)
+            self.channel_norm = AnyBatchNorm1d(teacher_spec.channels)
             self.token_proj = nn.Linear(num_tokens, teacher_spec.num_patches)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,7 @@ class FeedbackAligner(nn.Module):
     def __init__(self, source: StageSpec, target: StageSpec) -> None:
         super().__init__()
         self.size = (target.height, target.width)
-        self.norm = nn.BatchNorm2d(source.channels)
+        self.norm = AnyBatchNorm2d(source.channels)
         self.proj = nn.Conv2d(source.channels, target.channels, 1, bias=False)
 
     def forward(self, feedback: torch.Tensor) -> torch.Tensor:

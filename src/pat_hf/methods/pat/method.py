@@ -48,6 +48,24 @@ def _map_spec(spec: StageSpec) -> StageSpec:
     return StageSpec("map", spec.channels, spec.height, spec.width)
 
 
+def _resolve_prompt_stages(stages: list[int], input_specs: list[StageSpec | None], model_name: str) -> list[int]:
+    """The prompt stages for a teacher with ``len(input_specs)`` stages.
+
+    The default (all 4) becomes every stage that has an input site; an explicit stage beyond the teacher's stage
+    count, or one without an input site, is refused.
+    """
+    available = [i + 1 for i, spec in enumerate(input_specs) if spec is not None]
+    if list(stages) == [1, 2, 3, 4]:
+        return available
+    missing = [s for s in stages if s not in available]
+    if missing:
+        raise ValueError(
+            f"pat_prompt_stages {stages}: {model_name} has {len(input_specs)} stages for PAT, and prompts can go at "
+            f"the input of stages {available}. Set pat_prompt_stages among those (or leave the default)."
+        )
+    return list(stages)
+
+
 @register_method
 class PerspectiveAwareTeaching(DistillationMethod):
     """PAT: prompts in the teacher (with student feedback), region-aware attention and aligners on the student.
@@ -102,10 +120,22 @@ class PerspectiveAwareTeaching(DistillationMethod):
         student_size = ImageView.from_timm(student).size if hasattr(student, "pretrained_cfg") else None
         object.__setattr__(self, "student_taps", build_taps(student, image_size=student_size))
         object.__setattr__(self, "teacher_taps", build_taps(teacher.model, image_size=teacher.view.size))
-        student_specs = self.student_taps.output_specs
-        teacher_out = [_map_spec(s) for s in self.teacher_taps.output_specs]
-        teacher_in = [_map_spec(s) for s in self.teacher_taps.input_specs]
-        self.teacher_output_specs = list(self.teacher_taps.output_specs)
+        # Models with fewer than 4 stages: PAT runs with the stages both sides have, the deepest of each.
+        self.num_stages = min(self.student_taps.num_stages, self.teacher_taps.num_stages)
+        self._student_offset = self.student_taps.num_stages - self.num_stages
+        self._teacher_offset = self.teacher_taps.num_stages - self.num_stages
+        student_specs = self.student_taps.output_specs[self._student_offset :]
+        teacher_in_specs = self.teacher_taps.input_specs[self._teacher_offset :]
+        self.teacher_output_specs = list(self.teacher_taps.output_specs[self._teacher_offset :])
+        self.prompt_stages = _resolve_prompt_stages(self.prompt_stages, teacher_in_specs, self.teacher_taps.model_name)
+        if self.checkpoint_teacher and not self.teacher_taps.blocks:
+            raise ValueError(
+                f"pat_checkpoint_teacher recomputes the teacher's residual blocks, but the blocks of "
+                f"{self.teacher_taps.model_name} are not known (its stages were found generically). "
+                "Train without pat_checkpoint_teacher."
+            )
+        teacher_out = [_map_spec(s) for s in self.teacher_output_specs]
+        teacher_in = [_map_spec(s) if s is not None else None for s in teacher_in_specs]
 
         self.prompts = nn.ModuleDict()
         self.feedback_aligners = nn.ModuleDict()
@@ -123,12 +153,13 @@ class PerspectiveAwareTeaching(DistillationMethod):
         init_head_weights(self.raa)
         init_head_weights(self.aligners)
         # Per process, detached, from the previous micro-batch; plain attributes so DDP never broadcasts them.
-        self.feedback: list[torch.Tensor | None] = [None] * 4
+        self.feedback: list[torch.Tensor | None] = [None] * self.num_stages
         # The prompt transforms are built once (a compiled pass guards on them: new ones would recompile it); they
         # read the feedback of the pass in progress from _pass_feedback, set around each prompted pass.
-        self._pass_feedback: list[torch.Tensor | None] = [None] * 4
+        self._pass_feedback: list[torch.Tensor | None] = [None] * self.num_stages
         self._prompt_transforms = {
-            stage - 1: functools.partial(self._apply_prompt, stage) for stage in self.prompt_stages
+            self._teacher_offset + stage - 1: functools.partial(self._apply_prompt, stage)
+            for stage in self.prompt_stages
         }
         # Hooks on the frozen teacher's blocks, active only during the prompted pass: with them, the pass keeps only
         # the blocks' inputs and recomputes each block in the backward.
@@ -173,8 +204,8 @@ class PerspectiveAwareTeaching(DistillationMethod):
                     logits = self.region(_prompted_teacher_region)(teacher, pixel_values)
         finally:
             self.teacher_taps.set_input_transforms(None)
-            self._pass_feedback = [None] * 4
-        return logits, list(features)
+            self._pass_feedback = [None] * self.num_stages
+        return logits, list(features)[self._teacher_offset :]
 
     # ---- one training step -------------------------------------------------------------------------------
 
@@ -204,7 +235,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         """The student's logits and its aligned features ``A_s`` (RAA, then the aligners)."""
         with self.student_taps.capture() as student_features:
             logits = self.region(student_region)(student, pixel_values)
-        return logits, self.region(_align_student)(self, list(student_features))
+        return logits, self.region(_align_student)(self, list(student_features)[self._student_offset :])
 
     def _targets(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         return [as_map(f, spec) for f, spec in zip(teacher_features, self.teacher_output_specs)]
@@ -235,7 +266,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         feedback = self.feedback  # reassigned below, never changed in place
         student.eval()
         self.eval()
-        changes: list[list[float]] = [[] for _ in range(4)]
+        changes: list[list[float]] = [[] for _ in range(self.num_stages)]
         kl: list[float] = []
         correct = {"plain": 0, "prompted": 0}
         images = labelled = 0
@@ -244,7 +275,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
                 pixels = batch.teacher_pixel_values
                 with self.teacher_taps.capture() as plain_features:
                     plain_logits = teacher(pixels)
-                plain_features = list(plain_features)
+                plain_features = list(plain_features)[self._teacher_offset :]
                 prompted_logits, prompted_features = self.prompted_teacher_forward(teacher, pixels, self.feedback)
                 for stage, (p, q) in enumerate(zip(prompted_features, plain_features)):
                     changes[stage].append(float((p - q).float().norm() / q.float().norm().clamp_min(1e-12)))
@@ -277,7 +308,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         return {f"feedback.{i}": fb for i, fb in enumerate(self.feedback) if fb is not None}
 
     def load_extra_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.feedback = [tensors.get(f"feedback.{i}") for i in range(4)]
+        self.feedback = [tensors.get(f"feedback.{i}") for i in range(self.num_stages)]
 
     def settings(self) -> dict[str, Any]:
         return {
