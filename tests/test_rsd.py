@@ -221,3 +221,37 @@ def test_trains_with_mixup_and_ema_and_exports_the_student_alone(tmp_path):
     trainer.save_model()
     exported = load_file(os.path.join(trainer.args.output_dir, "model.safetensors"))
     assert set(exported) == set(student.state_dict())
+
+
+def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from pat_hf.methods.rsd import all_gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = rank + 2  # unequal batches: 2 and 3 rows
+        x = (torch.arange(rows * 3, dtype=torch.float32).view(rows, 3) + 100 * rank).requires_grad_(True)
+        gathered = all_gather_rows(x)
+        weights = torch.arange(15, dtype=torch.float32).view(5, 3)
+        (gathered * weights).sum().backward()
+        plain = all_gather_rows(x.detach())
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "plain": plain}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_gather_rows_on_two_processes_with_unequal_batches(tmp_path):
+    """The global batch RSD uses under DDP: rows of both processes in rank order (padding removed), and each
+    process's rows get the gradient summed over the processes' (identical) losses: 2 × d(loss)/d(rows)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = torch.cat([torch.arange(6.0).view(2, 3), torch.arange(9.0).view(3, 3) + 100])
+    weights = torch.arange(15, dtype=torch.float32).view(5, 3)
+    for rank, rows in ((0, slice(0, 2)), (1, slice(2, 5))):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["gathered"], expected)
+        torch.testing.assert_close(result["plain"], expected)
+        torch.testing.assert_close(result["grad"], 2 * weights[rows])
