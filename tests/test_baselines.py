@@ -505,7 +505,10 @@ def test_fitnet_checkpoint_keeps_the_connectors_and_the_export_drops_them(tmp_pa
 # ---- model cards and recipes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,key", [("dkd", "zhao2022dkd"), ("dist", "huang2022dist"), ("fitnet", "romero2015")])
+@pytest.mark.parametrize(
+    "method,key",
+    [("dkd", "zhao2022dkd"), ("dist", "huang2022dist"), ("fitnet", "romero2015"), ("rsd", "zhang2025rsd")],
+)
 def test_model_card_cites_and_tags_the_method(method, key):
     assert any(key in c for c in CITATIONS[method])
     card = build_model_card(
