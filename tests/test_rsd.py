@@ -4,6 +4,7 @@ the global batch under DDP: test_distributed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -218,9 +219,23 @@ def test_trains_with_mixup_and_ema_and_exports_the_student_alone(tmp_path):
     ckpt = os.path.join(trainer.args.output_dir, "checkpoint-3")
     state_files = [f for f in os.listdir(ckpt) if f.startswith("distill_state")]
     assert state_files and any("aad" in k for k in load_file(os.path.join(ckpt, state_files[0])))
+    state = load_file(os.path.join(ckpt, "distill_state.safetensors"))
+    assert set(state) == set(trainer.method.state_dict())
+    manifest = json.load(open(os.path.join(ckpt, "distill_manifest.json")))
+    assert manifest["method"]["rsd_kappa"] == pytest.approx(1 / 64) and manifest["method"]["rsd_expander_dim"] == 256
     trainer.save_model()
     exported = load_file(os.path.join(trainer.args.output_dir, "model.safetensors"))
-    assert set(exported) == set(student.state_dict())
+    assert set(exported) == set(student.state_dict()) and not any("aad" in k for k in exported)
+    # Resuming restores the AAD module (and its BatchNorm statistics) exactly.
+    fresh = PATDistillationTrainer(
+        model=create_student("test_vit", num_classes=3, img_size=16),
+        teacher=tiny_teacher("convnext"),
+        args=tiny_args(tmp_path / "fresh", distill_method="rsd", max_steps=3),
+        train_dataset=with_image_transforms(data, view, None, train=True),
+    )
+    fresh._load_from_checkpoint(ckpt)
+    for key, value in fresh.method.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
 
 
 def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
