@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.fashion_mnist import (
     METHODS,
     PAIRS,
+    RSD_SWEEP,
     STUDENT_TRAINING_RECIPES,
     TEACHER_EPOCHS,
     StudyConfig,
@@ -56,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablations", action="store_true", help="also run the PAT ablations (first seed only)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report from the JSON files")
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), help="pairs to run (default: all)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods to run (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS) + list(RSD_SWEEP),
+        help="methods to run (default: all; the rsd_sweep_* candidates only for the validation sweep)",
+    )
     parser.add_argument(
         "--recipes",
         nargs="+",

@@ -19,6 +19,9 @@ arguments: mixup_alpha, model_ema, lr_schedule, ...).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -78,6 +81,14 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code for the teacher."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
     token: str | None = field(default=None, metadata={"help": "Hub token (defaults to the stored login)."})
+    method_module: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Python files (or importable module names) defining distillation methods registered with "
+            "pat_hf.register_method, imported before the arguments are checked, so --distill_method can name "
+            "them (e.g. examples/custom_method.py; docs/extending.md)."
+        },
+    )
 
 
 @dataclass
@@ -185,6 +196,35 @@ def given_arguments(argv: list[str]) -> set[str]:
     return names
 
 
+def import_method_modules(paths: list[str]) -> None:
+    """Imports the files (or module names) given to ``--method_module``: their ``@register_method`` classes join the
+    registry before ``PATTrainingArguments`` checks ``distill_method``."""
+    for path in paths:
+        if not path.endswith(".py"):
+            importlib.import_module(path)
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"--method_module {path}: no such file.")
+        name = "pat_hf_user_method_" + os.path.splitext(os.path.basename(path))[0]
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered before it runs, as an import does (dataclasses, pickling look it up)
+        spec.loader.exec_module(module)
+
+
+def _method_modules_in(flags: list[str]) -> list[str]:
+    """The values of ``--method_module`` among command-line flags (``--method_module A B`` or ``=A``)."""
+    found: list[str] = []
+    for i, flag in enumerate(flags):
+        if flag.startswith("--method_module="):
+            found.append(flag.split("=", 1)[1])
+        elif flag == "--method_module":
+            found += list(itertools.takewhile(lambda v: not v.startswith("--"), flags[i + 1 :]))
+    return found
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, PATTrainingArguments]:
     """Command-line flags, a YAML/JSON config file, or a config file followed by flags that override it."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PATTrainingArguments))
@@ -192,6 +232,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
         argv = [DEFAULT_CONFIG]
     config, overrides = (argv[0], argv[1:]) if argv[0].endswith((".json", ".yaml", ".yml")) else (None, argv)
     if config is None:
+        import_method_modules(_method_modules_in(overrides))
         return parser.parse_args_into_dataclasses(args=overrides)
     try:
         with open(config, encoding="utf-8") as f:
@@ -204,6 +245,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
         raise ConfigValueError(
             f"{config} must hold a mapping of argument names to values, got {type(values).__name__}."
         )
+    from_file = values.get("method_module") or []
+    import_method_modules((from_file if isinstance(from_file, list) else [from_file]) + _method_modules_in(overrides))
     # Every value checked against its field's type here: the parser would pass "hot" or a list on to torch.
     values = check_config_values(values, parser.dataclass_types, config)
     if not overrides:

@@ -581,7 +581,7 @@ def test_the_docs_list_exactly_what_each_method_logs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["none", "kd", "dkd", "dist", "fitnet", "ofa", "pat"])
+@pytest.mark.parametrize("method", ["none", "kd", "dkd", "dist", "fitnet", "ofa", "pat", "rsd"])
 def test_each_method_logs_exactly_its_declared_parts(tmp_path, method):
     from pat_hf.methods import get_method
 

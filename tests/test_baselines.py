@@ -46,7 +46,7 @@ def logits_of(*probabilities: list[float]) -> torch.Tensor:
 
 
 def test_the_registry_lists_every_method():
-    assert available_methods() == ["dist", "dkd", "fitnet", "kd", "none", "ofa", "pat"]
+    assert available_methods() == ["dist", "dkd", "fitnet", "kd", "none", "ofa", "pat", "rsd"]
     assert get_method("dkd") is DecoupledKnowledgeDistillation
     assert get_method("dist") is DISTDistillation
     assert get_method("fitnet") is FitNetDistillation
@@ -360,7 +360,8 @@ def test_out_of_range_settings_are_refused(tmp_path, overrides, pattern):
 @pytest.mark.parametrize("student_name,kwargs", STUDENT_FAMILIES, ids=[s for s, _ in STUDENT_FAMILIES])
 def test_every_teacher_family_with_every_student_family(tmp_path, family, student_name, kwargs):
     """FitNet (whose connectors depend on both families): one optimizer step through the trainer. DKD and DIST
-    (logits only): one forward and backward of the method on the same pair."""
+    (logits only) and RSD (penultimate embeddings, its AAD sized by both): one forward and backward of the method
+    on the same pair."""
     torch.manual_seed(0)
     student = create_student(student_name, num_classes=3, **kwargs)
     view = ImageView.from_timm(student)
@@ -382,7 +383,7 @@ def test_every_teacher_family_with_every_student_family(tmp_path, family, studen
     batch = DistillationBatch(
         torch.randn(4, 3, *size), torch.tensor([0, 1, 2, 0]), torch.randn(4, 3, *teacher.view.size)
     )
-    for name in ("dkd", "dist"):
+    for name in ("dkd", "dist", "rsd"):
         method = get_method(name)(tiny_args(tmp_path, distill_method=name), student, teacher)
         method.set_progress(30.0)
         student.zero_grad()
@@ -391,6 +392,10 @@ def test_every_teacher_family_with_every_student_family(tmp_path, family, studen
         assert torch.isfinite(out.loss), name
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()), name
         assert all(p.grad is None for p in teacher.model.parameters())
+        if name == "rsd":
+            # (The biases before the BatchNorm and the standardisation get no gradient: a shift cancels out.)
+            weights = [p for n, p in method.aad.named_parameters() if n.endswith("weight")]
+            assert out.parts["rsd"] > 0 and all(p.grad.abs().sum() > 0 for p in weights)
 
 
 # ---- through the trainer -------------------------------------------------------------------------------------
@@ -500,7 +505,10 @@ def test_fitnet_checkpoint_keeps_the_connectors_and_the_export_drops_them(tmp_pa
 # ---- model cards and recipes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,key", [("dkd", "zhao2022dkd"), ("dist", "huang2022dist"), ("fitnet", "romero2015")])
+@pytest.mark.parametrize(
+    "method,key",
+    [("dkd", "zhao2022dkd"), ("dist", "huang2022dist"), ("fitnet", "romero2015"), ("rsd", "zhang2025rsd")],
+)
 def test_model_card_cites_and_tags_the_method(method, key):
     assert any(key in c for c in CITATIONS[method])
     card = build_model_card(

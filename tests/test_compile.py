@@ -30,6 +30,7 @@ CONFIGS = {
     "dkd": {"distill_method": "dkd", "dkd_warmup_epochs": 1},
     "dist": {"distill_method": "dist"},
     "fitnet": {"distill_method": "fitnet"},
+    "rsd": {"distill_method": "rsd"},
     "ofa": {"distill_method": "ofa"},
     "pat": {"distill_method": "pat", **SMALL},
     "pat_checkpoint": {"distill_method": "pat", "pat_checkpoint_teacher": True, **SMALL},

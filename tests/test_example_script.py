@@ -215,3 +215,39 @@ def test_a_gpu_run_without_loader_workers_is_warned():
 
     assert "dataloader_num_workers=0 on a GPU" in single_process_loading_warning(0, "cuda")
     assert single_process_loading_warning(4, "cuda") is None and single_process_loading_warning(0, "cpu") is None
+
+
+@pytest.mark.slow
+def test_a_method_written_outside_the_package_trains_through_the_script_and_exports(teacher_dir, imagefolder, tmp_path):
+    """examples/custom_method.py, loaded by --method_module in a fresh process (so this process's registry, and
+    the docs' table of methods, stay as they are): it registers, trains, logs its parts and exports the student
+    alone."""
+    import subprocess
+
+    out = tmp_path / "custom"
+    data = ["--train_dir", str(imagefolder / "train"), "--validation_dir", str(imagefolder / "validation")]
+    argv = common_args(out, teacher_dir) + data + ["--logging_steps", "1", "--save_strategy", "epoch"]
+    argv += ["--method_module", os.path.join(ROOT, "examples", "custom_method.py")]
+    argv += ["--distill_method", "cosine_embedding"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    history = json.load(open(out / "trainer_state.json"))["log_history"]
+    steps = [h for h in history if "loss_cosine" in h]
+    assert steps and all(0 <= h["loss_cosine"] <= 2 and "loss_kd" in h and "loss_ce" in h for h in steps)
+    manifest = json.load(open(out / "checkpoint-3" / "distill_manifest.json"))
+    assert manifest["method"]["method"] == "cosine_embedding"
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.num_classes == 3
+    from safetensors.torch import load_file
+
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    assert set(exported) == set(model.state_dict()) and not any("projection" in k for k in exported)
+
+
+def test_method_module_flags_are_found_before_parsing(script):
+    assert script._method_modules_in(["--a", "1", "--method_module", "x.py", "y.py", "--b"]) == ["x.py", "y.py"]
+    assert script._method_modules_in(["--method_module=z.py"]) == ["z.py"]
+    with pytest.raises(ValueError, match="no such file"):
+        script.import_method_modules(["/nonexistent/method.py"])

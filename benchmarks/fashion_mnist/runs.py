@@ -21,6 +21,8 @@ from .config import (
     OFA_WEIGHTS,
     PAIRS,
     PAT_SETTINGS,
+    RSD_SETTINGS,
+    RSD_SWEEP,
     STUDENT_CROP_PAD,
     STUDENT_LABEL_SMOOTHING,
     STUDENT_RECIPES,
@@ -65,7 +67,7 @@ def plan_runs(config: StudyConfig) -> list[RunSpec]:
             teachers.append(PAIRS[pair][0])
     runs = [RunSpec("teacher", t) for t in teachers]
     for method in config.methods:
-        if method not in METHODS:
+        if method not in METHODS and method not in RSD_SWEEP:
             raise ValueError(f"Unknown method {method!r}; the study has {list(METHODS)}.")
     for recipe in config.recipes:
         if recipe not in STUDENT_TRAINING_RECIPES:
@@ -161,6 +163,8 @@ def _run_settings(config: StudyConfig, spec: RunSpec) -> dict[str, Any]:
         method_args.update(PAT_SETTINGS)
     if base_method == "dkd":
         method_args.update(DKD_SETTINGS)
+    if base_method == "rsd" and spec.method not in RSD_SWEEP:
+        method_args.update(RSD_SETTINGS)
     if base_method == "ofa":
         method_args["ofa_weight"] = OFA_WEIGHTS[student]
     method_args.update(overrides)

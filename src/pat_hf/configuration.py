@@ -178,6 +178,31 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
         default=1.0,
         metadata={"help": "FitNet: weight (>= 0) of the hint (MSE) loss (1 in the OFA-KD benchmark code)."},
     )
+    # ---- RSD (distill_method="rsd"; see docs/methods.md) ----
+    rsd_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "RSD: weight λ (>= 0) of the redundancy-suppression loss (normalised by D_t), times kd_weight."
+        },
+    )
+    rsd_kappa: float | None = field(
+        default=None,
+        metadata={
+            "help": "RSD: weight κ (>= 0) of the off-diagonal (decorrelation) terms; 0: correlation only. "
+            "Default: 1 / D_t (Barlow Twins' scaling with the dimension)."
+        },
+    )
+    rsd_expander_dim: int | None = field(
+        default=None, metadata={"help": "RSD: width E (>= 1) of the AAD module's expander. Default: 4 * D_t."}
+    )
+    rsd_target: str = field(
+        default="embedding",
+        metadata={"help": "RSD: what it distils, 'embedding' (the penultimate embeddings) or 'logits'."},
+    )
+    rsd_kd_weight: float = field(
+        default=0.0,
+        metadata={"help": "RSD: weight (>= 0) of an added Hinton KD term at temperature T (0: off, as published)."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: image datasets create pixel_values on the fly with set_transform."},

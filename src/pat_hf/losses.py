@@ -19,6 +19,8 @@ __all__ = [
     "kl_div_loss",
     "ofa_loss",
     "pearson_correlation",
+    "rsd_loss",
+    "standardise_batch",
 ]
 
 
@@ -263,3 +265,55 @@ def hint_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> t
             f"the hint loss needs equal shapes, got {tuple(student_feature.shape)} and {tuple(teacher_feature.shape)}"
         )
     return F.mse_loss(student_feature.float(), teacher_feature.detach().float())
+
+
+def standardise_batch(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each column of a (B, D) batch centred on its batch mean and divided by ``sqrt(var + eps)`` (biased
+    variance over the batch, as BatchNorm without affine parameters; ``eps`` keeps a constant column at 0)."""
+    mean = x.mean(dim=0, keepdim=True)
+    var = (x - mean).square().mean(dim=0, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def rsd_loss(student: torch.Tensor, teacher: torch.Tensor, kappa: float, eps: float = 1e-5) -> torch.Tensor:
+    """Redundancy suppression (RSD, ICCV 2025; Barlow Twins' loss between two models' embeddings).
+
+    Both (B, D) batches are standardised per dimension over the batch (:func:`standardise_batch`), their
+    cross-correlation ``C = ŝᵀ t̂ / B`` (D × D) is pushed towards the identity:
+
+    ``L = [Σ_i (1 − C_ii)² + κ · Σ_{i≠j} C_ij²] / D``
+
+    the diagonal (invariance: each student dimension correlates with the same teacher dimension) plus κ times
+    the off-diagonal (decorrelation: no dimension repeats another's information). Divided by D so that its
+    scale does not grow with the width (at initialisation ``C ≈ 0`` and L ≈ 1). Computed in float32 at least
+    (float64 inputs stay float64); no gradient is taken through the teacher.
+
+    Args:
+        student: (B, D) student embeddings after the AAD module, ``h(z_s)``.
+        teacher: (B, D) teacher embeddings ``z_t``.
+        kappa: Weight κ >= 0 of the off-diagonal terms (0: correlation only).
+        eps: Added to the variance before the square root.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: On shapes that differ or a batch of fewer than 2 rows (no per-dimension spread to standardise).
+    """
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(
+            f"RSD needs two (B, D) batches of one shape, got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    batch, dim = student.shape
+    if batch < 2:
+        raise ValueError("RSD standardises over the batch and needs at least 2 samples")
+    dtype = torch.promote_types(student.dtype, torch.float32)  # bf16 / fp16 under autocast: float32
+    s = standardise_batch(student.to(dtype), eps)
+    t = standardise_batch(teacher.detach().to(dtype), eps)
+    # Autocast would run the product in bf16 / fp16: sums of B products of standardised values need float32.
+    with torch.autocast(student.device.type, enabled=False):
+        c = s.t() @ t / batch
+    diagonal = torch.diagonal(c)
+    on_diagonal = (1 - diagonal).square().sum()
+    off_diagonal = c.square().sum() - diagonal.square().sum()
+    return (on_diagonal + kappa * off_diagonal) / dim

@@ -49,6 +49,12 @@ FITNET_CITATION = """@inproceedings{romero2015fitnets,
   booktitle = {International Conference on Learning Representations (ICLR)},
   year      = {2015}
 }"""
+RSD_CITATION = """@inproceedings{zhang2025rsd,
+  title     = {Cross-Architecture Distillation Made Simple with Redundancy Suppression},
+  author    = {Zhang, Weijia and Liu, Yuehao and Ran, Wu and Ma, Chao},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2025}
+}"""
 CITATIONS: dict[str, list[str]] = {
     "kd": [KD_CITATION],
     "dkd": [DKD_CITATION],
@@ -57,6 +63,7 @@ CITATIONS: dict[str, list[str]] = {
     "fitnet": [FITNET_CITATION, OFA_CITATION],
     "ofa": [OFA_CITATION],
     "pat": [PAT_CITATION, OFA_CITATION],
+    "rsd": [RSD_CITATION],
 }
 """The papers a method's card cites first (PAT builds on OFA-KD's aligners); PAT, the paper pat_hf implements,
 is always cited. A registered method adds its entry here."""

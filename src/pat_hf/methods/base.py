@@ -9,7 +9,8 @@ so ``PATTrainingArguments`` needs to know no method's rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,16 +19,22 @@ from torch import nn
 
 from ..compile import compile_region
 from ..losses import cross_entropy, kl_div_loss
-from ..student import student_logits
+from ..preprocessing import ImageView
+from ..student import student_logits, student_num_classes
+from ..taps import StageSpec, build_embedding_tap, build_taps
 
 if TYPE_CHECKING:
     from ..configuration import PATTrainingArguments
     from ..teacher import Teacher
 
 __all__ = [
+    "READABLE",
     "DistillationBatch",
     "DistillationMethod",
     "DistillationOutput",
+    "Features",
+    "ModelShapes",
+    "Shapes",
     "check_stage_list",
     "init_head_weights",
     "student_region",
@@ -70,6 +77,86 @@ class DistillationOutput:
         # loss equal to one of its parts (`0 + 1.0 * ce`) with that part, and when the part it returns is
         # detached, the loss loses its grad_fn too ("element 0 of tensors does not require grad").
         self.parts = {name: value.detach() for name, value in self.parts.items()}
+
+
+READABLE = ("logits", "embedding", "stages")
+"""What a method can declare in :attr:`DistillationMethod.reads`."""
+
+
+@dataclass
+class Features:
+    """What one model's pass produced, as far as the method declared it reads it.
+
+    Args:
+        logits: (B, K) logits (the teacher's in dataset class order).
+        embedding: (B, D) penultimate embedding, the classifier's input (with ``"embedding"`` in ``reads``).
+        stages: The 4 stage features in canonical layout (:class:`~pat_hf.taps.StageSpec`: maps (B, C, H, W),
+            tokens (B, P + H·W, C)), with ``"stages"`` in ``reads``.
+    """
+
+    logits: torch.Tensor
+    embedding: torch.Tensor | None = None
+    stages: list[torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """One model's shapes, measured by probe forwards before training.
+
+    Args:
+        num_classes: K, the logits' width.
+        embedding: D, the penultimate embedding's width (with ``"embedding"`` in ``reads``).
+        stages: The layouts of the 4 stage features (with ``"stages"`` in ``reads``).
+    """
+
+    num_classes: int
+    embedding: int | None = None
+    stages: tuple[StageSpec, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What :meth:`DistillationMethod.build` is given: the student's and the teacher's shapes (None: no teacher)."""
+
+    student: ModelShapes
+    teacher: ModelShapes | None
+
+
+class _Reader:
+    """The taps one model is read through (hooks only, no parameters: never module state)."""
+
+    def __init__(self, model: nn.Module, reads: tuple[str, ...], image_size: tuple[int, int] | None) -> None:
+        self.embedding = build_embedding_tap(model, image_size) if "embedding" in reads else None
+        self.stages = build_taps(model, image_size=image_size) if "stages" in reads else None
+
+    def shapes(self, num_classes: int) -> ModelShapes:
+        return ModelShapes(
+            num_classes=num_classes,
+            embedding=self.embedding.dim if self.embedding is not None else None,
+            stages=tuple(self.stages.output_specs) if self.stages is not None else None,
+        )
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[dict[str, Any]]:
+        """Yields a dict that holds, after the block, ``embedding`` and ``stages`` as declared."""
+        found: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            embedding = stack.enter_context(self.embedding.capture()) if self.embedding is not None else None
+            stages = stack.enter_context(self.stages.capture()) if self.stages is not None else None
+            yield found
+        if embedding is not None:
+            if len(embedding) != 1:
+                raise RuntimeError(
+                    "the penultimate embedding was not captured: was the method called with the model it was built for?"
+                )
+            found["embedding"] = embedding[0]
+        if stages is not None:
+            if len(stages) != 4 or any(f is None for f in stages):
+                raise RuntimeError(
+                    f"captured {len(stages)} stage features, expected 4: was the method called with "
+                    "the model it was built for?"
+                )
+            found["stages"] = list(stages)
 
 
 def init_head_weights(module: nn.Module) -> None:
@@ -142,10 +229,12 @@ def teacher_region(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor
 class DistillationMethod(nn.Module):
     """Base class of the distillation methods.
 
-    Subclasses set :attr:`name`, register with :func:`pat_hf.methods.register_method`, check their settings in
-    :meth:`validate_args`, build their heads in ``__init__`` and implement :meth:`forward` (one training step).
-    Their trainable state (heads, buffers) is ordinary module state, so it is saved in checkpoints and restored
-    on resume.
+    Subclasses set :attr:`name`, register with :func:`pat_hf.methods.register_method` and check their settings in
+    :meth:`validate_args`. Then either (the declarative way, most methods) set :attr:`reads`, build their heads in
+    :meth:`build` and return their loss parts from :meth:`losses`, or build in ``__init__`` and implement
+    :meth:`forward` (one training step) themselves (methods that rewrite the teacher's pass, as PAT). Their
+    trainable state (heads, buffers) is ordinary module state, so it is saved in checkpoints and restored on
+    resume.
 
     Args:
         args: The training arguments (method settings are read from them).
@@ -162,6 +251,11 @@ class DistillationMethod(nn.Module):
     #: name stands for each configured stage (``ofa_s{stage}``). docs/index.md's table is generated from these
     #: (:func:`pat_hf.methods.loss_parts_table`) and a test checks what each method really logs.
     loss_parts: ClassVar[dict[str, str]] = {"ce": "cross-entropy on the labels (labelled batches only)"}
+    #: What the declarative step reads from both models (a subset of :data:`READABLE`; the logits always). Empty:
+    #: the method implements :meth:`forward` itself.
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: Whether every training batch must have labels (the declarative step refuses one without).
+    requires_labels: ClassVar[bool] = False
 
     @classmethod
     def validate_args(cls, args: PATTrainingArguments) -> None:
@@ -185,6 +279,75 @@ class DistillationMethod(nn.Module):
         self.eval_teacher_losses = bool(args.eval_teacher_losses)
         self._compile_options: dict[str, Any] | None = None
         self._regions: dict[Callable, Callable] = {}
+        if self.reads:
+            unknown = set(self.reads) - set(READABLE)
+            if unknown:
+                raise ValueError(f"{type(self).__name__}.reads: unknown {sorted(unknown)}; choose among {READABLE}.")
+            student_size = ImageView.from_timm(student).size if hasattr(student, "pretrained_cfg") else None
+            self._student_reader = _Reader(student, self.reads, student_size)
+            self._teacher_reader = _Reader(teacher.model, self.reads, teacher.view.size) if teacher else None
+            teacher_classes = None
+            if teacher is not None:
+                mapped = teacher.class_index
+                teacher_classes = len(mapped) if mapped is not None else teacher.num_labels
+            self.build(
+                args,
+                Shapes(
+                    student=self._student_reader.shapes(student_num_classes(student) or 0),
+                    teacher=self._teacher_reader.shapes(teacher_classes) if teacher is not None else None,
+                ),
+            )
+
+    # ---- the declarative step ---------------------------------------------------------------------------------
+
+    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
+        """Reads this method's settings from ``args`` and builds its heads from ``shapes`` (declarative methods).
+
+        Called once by ``__init__`` when :attr:`reads` is set, after the probes measured the shapes; a head
+        assigned to ``self`` here trains with the student and is saved in checkpoints (never exported).
+        """
+
+    def losses(
+        self, student: Features, teacher: Features | None, labels: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted loss parts of one training step by name (the cross-entropy is added by the base class).
+
+        Runs inside a compiled region under ``torch_compile``: tensors in, tensors out, no hooks or Python state.
+
+        Args:
+            student: The student's features (what :attr:`reads` declares), attached to the autograd graph.
+            teacher: The teacher's features (no gradient), or None for a method without teacher.
+            labels: Class indices (B,), soft targets (B, K) (Mixup / CutMix) or None.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets `reads` but implements no `losses`.")
+
+    def loss_weights(self) -> dict[str, float | torch.Tensor]:
+        """The weight of each part :meth:`losses` returns; a part not listed weighs ``kd_weight``."""
+        return {}
+
+    def compute_loss(
+        self, student: Features | torch.Tensor, teacher: Features | torch.Tensor | None, labels: torch.Tensor | None
+    ) -> DistillationOutput:
+        """The declarative step's loss from given features, without running any model (tests, custom loops).
+
+        Args:
+            student: The student's features, or its logits (B, K) alone.
+            teacher: The teacher's features, its logits alone, or None.
+            labels: Class indices (B,), soft targets (B, K) or None.
+
+        Returns:
+            The weighted loss, the student logits and the unweighted, detached parts.
+        """
+        student = student if isinstance(student, Features) else Features(student)
+        teacher = teacher if isinstance(teacher, Features) or teacher is None else Features(teacher)
+        loss, parts = _declared_loss(self, student.logits, student, teacher, labels)
+        return DistillationOutput(loss=loss, logits=student.logits, parts=parts)
+
+    def gather(self, student: Features, teacher: Features | None) -> tuple[Features, Features | None]:
+        """The features :meth:`losses` receives, from this process's; eager code, run between the passes and the
+        loss. Identity by default; a loss over batch statistics gathers the global batch here under DDP
+        (``rsd``)."""
+        return student, teacher
 
     # ---- compiled regions -------------------------------------------------------------------------------------
 
@@ -217,8 +380,28 @@ class DistillationMethod(nn.Module):
         return compiled
 
     def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
-        """Computes one training step's loss. Runs in the wrapper's forward (under DDP and autocast)."""
-        raise NotImplementedError
+        """Computes one training step's loss. Runs in the wrapper's forward (under DDP and autocast).
+
+        The declarative step: the teacher's pass under no_grad, then the student's, each reading what
+        :attr:`reads` declares through the taps; :meth:`gather`; then one region with :meth:`losses`, the
+        cross-entropy and the weights: ``w_ce·CE(z_s, y) + Σ_part weight(part)·part``.
+        """
+        if not self.reads:
+            raise NotImplementedError(f"{type(self).__name__} sets no `reads`: it must implement forward().")
+        if self.requires_labels and batch.labels is None:
+            raise ValueError(f"distill_method={self.name!r} needs labels in every training batch.")
+        teacher_features = None
+        if self.requires_teacher:
+            teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
+            # The teacher's no-grad pass first: its transients are freed before the student's activations build up.
+            with torch.no_grad(), self._teacher_reader.capture() as found:
+                teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
+            teacher_features = Features(teacher_logits, **found)
+        with self._student_reader.capture() as found:
+            logits = self.region(student_region)(student, batch.pixel_values)
+        student_features, teacher_features = self.gather(Features(logits, **found), teacher_features)
+        loss, parts = self.region(_declared_loss)(self, logits, student_features, teacher_features, batch.labels)
+        return DistillationOutput(loss=loss, logits=logits, parts=parts)
 
     def set_progress(self, epoch: float) -> None:
         """Receives the training progress before each training forward; does nothing by default.
@@ -302,6 +485,22 @@ class DistillationMethod(nn.Module):
             "ce_weight": self.ce_weight,
             "kd_weight": self.kd_weight,
         }
+
+
+def _declared_loss(
+    method: DistillationMethod,
+    logits: torch.Tensor,
+    student: Features,
+    teacher: Features | None,
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The declarative step's loss and its parts: a region. ``logits`` are this process's (the CE's)."""
+    parts = dict(method.losses(student, teacher, labels))
+    weights = method.loss_weights()
+    loss = logits.new_zeros((), dtype=torch.float32)
+    for name, value in parts.items():
+        loss = loss + weights.get(name, method.kd_weight) * value
+    return method.add_cross_entropy(loss, parts, logits, labels), parts
 
 
 def _evaluation_loss(

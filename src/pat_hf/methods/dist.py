@@ -11,11 +11,9 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
 from ..losses import dist_losses
-from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput, student_region, teacher_region
+from .base import DistillationMethod, Features, Shapes
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -50,41 +48,18 @@ class DISTDistillation(DistillationMethod):
             if not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be >= 0 and finite (0 switches the term off), got {value}.")
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
-        super().__init__(args, student, teacher)
+    reads = ("logits",)
+
+    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
         self.beta = float(args.dist_beta)
         self.gamma = float(args.dist_gamma)
 
-    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
-        teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
-        with torch.no_grad():
-            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
-        logits = self.region(student_region)(student, batch.pixel_values)
-        loss, parts = self.region(_dist_loss)(self, logits, teacher_logits, batch.labels)
-        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+    def losses(self, student: Features, teacher: Features, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        inter, intra = dist_losses(student.logits, teacher.logits, self.temperature)
+        return {"dist_inter": inter, "dist_intra": intra}
 
-    def compute_loss(
-        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
-    ) -> DistillationOutput:
-        """The DIST loss from the student's and the teacher's logits.
-
-        Returns:
-            The weighted loss, the student logits and the unweighted, detached parts ``ce`` (with labels),
-            ``dist_inter`` and ``dist_intra`` (T² included, before β and γ).
-        """
-        inter, intra = dist_losses(logits, teacher_logits, self.temperature)
-        loss = self.kd_weight * (self.beta * inter + self.gamma * intra)
-        parts = {"dist_inter": inter.detach(), "dist_intra": intra.detach()}
-        loss = self.add_cross_entropy(loss, parts, logits, labels)
-        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+    def loss_weights(self) -> dict[str, float]:
+        return {"dist_inter": self.kd_weight * self.beta, "dist_intra": self.kd_weight * self.gamma}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "dist_beta": self.beta, "dist_gamma": self.gamma}
-
-
-def _dist_loss(
-    method: DISTDistillation, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``dist``'s loss and its parts: a region."""
-    out = method.compute_loss(logits, teacher_logits, labels)
-    return out.loss, out.parts

@@ -13,11 +13,9 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
 from ..losses import dkd_losses
-from ..teacher import Teacher
-from .base import DistillationBatch, DistillationMethod, DistillationOutput, student_region, teacher_region
+from .base import DistillationMethod, Features, Shapes
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -61,8 +59,10 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
             if not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be >= 0 and finite, got {value}.")
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
-        super().__init__(args, student, teacher)
+    reads = ("logits",)
+    requires_labels = True  # the target-class term is defined by the labelled class ('kd' or 'dist' work without)
+
+    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
         self.alpha = float(args.dkd_alpha)
         self.beta = float(args.dkd_beta)
         self.warmup_epochs = float(args.dkd_warmup_epochs)
@@ -77,39 +77,13 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
         self.epoch = float(epoch)
         self.warmup_factor.fill_(dkd_warmup_weight(self.epoch, self.warmup_epochs))
 
-    def forward(self, student: nn.Module, teacher: Teacher | None, batch: DistillationBatch) -> DistillationOutput:
-        teacher, teacher_pixels = self.teacher_inputs(teacher, batch)
-        if batch.labels is None:
-            raise ValueError(
-                "distill_method='dkd' needs labels in every training batch: its target-class term is defined by "
-                "the labelled class (use 'kd' or 'dist' for unlabelled data)."
-            )
-        with torch.no_grad():
-            teacher_logits = self.region(teacher_region)(teacher, teacher_pixels)
-        logits = self.region(student_region)(student, batch.pixel_values)
-        loss, parts = self.region(_dkd_loss)(self, logits, teacher_logits, batch.labels)
-        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+    def losses(self, student: Features, teacher: Features, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        tckd, nckd = dkd_losses(student.logits, teacher.logits, labels, self.temperature)
+        return {"tckd": tckd, "nckd": nckd}
 
-    def compute_loss(
-        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
-    ) -> DistillationOutput:
-        """The DKD loss from the student's and the teacher's logits.
-
-        Args:
-            logits: Student logits (B, K).
-            teacher_logits: Teacher logits (B, K), no gradient taken.
-            labels: Class indices (B,) or soft targets (B, K).
-
-        Returns:
-            The weighted loss, the student logits and the unweighted, detached parts ``ce``, ``tckd`` and
-            ``nckd`` (before α, β and the warm-up factor).
-        """
-        tckd, nckd = dkd_losses(logits, teacher_logits, labels, self.temperature)
+    def loss_weights(self) -> dict[str, float | torch.Tensor]:
         weight = self.kd_weight * self.warmup_factor
-        loss = weight * (self.alpha * tckd + self.beta * nckd)
-        parts = {"tckd": tckd.detach(), "nckd": nckd.detach()}
-        loss = self.add_cross_entropy(loss, parts, logits, labels)
-        return DistillationOutput(loss=loss, logits=logits, parts=parts)
+        return {"tckd": weight * self.alpha, "nckd": weight * self.beta}
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -121,11 +95,3 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, warmup_epochs={self.warmup_epochs}, epoch={self.epoch:g}"
-
-
-def _dkd_loss(
-    method: DecoupledKnowledgeDistillation, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``dkd``'s loss and its parts: a region."""
-    out = method.compute_loss(logits, teacher_logits, labels)
-    return out.loss, out.parts

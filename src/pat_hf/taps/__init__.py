@@ -15,6 +15,7 @@ Split by what changes together, each part importing only those before it:
 
 from __future__ import annotations
 
+from .embedding import EmbeddingTap, build_embedding_tap, find_classifier
 from .engine import StageTaps, build_taps
 from .families import _HIDDEN_KWARGS as _HIDDEN_KWARGS
 from .families import SUPPORTED_STUDENTS, SUPPORTED_TEACHERS
@@ -32,6 +33,7 @@ __all__ = [
     "map_to_tokens",
     "tokens_to_map",
 ]
+__all__ += ["EmbeddingTap", "build_embedding_tap", "find_classifier"]  # the penultimate-embedding tap
 
 # The private names imported above ``as`` themselves stay importable from ``pat_hf.taps`` as before the split
 # (tests import ``_group_ranges``), outside ``__all__``.
