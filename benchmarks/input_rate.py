@@ -96,7 +96,7 @@ class TimmSide(torch.utils.data.Dataset):
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict:
-        from pat_hf.preprocessing import convert_view
+        from pat_hf.data.views import convert_view
 
         x = self.transform(self.decoder.decode_example(self.encoded[i]).convert("RGB"))
         if self.views is None:
@@ -113,7 +113,7 @@ def timed_passes(datasets: dict, repeats: int, batch_size: int = 8) -> tuple[dic
     """Best time of ``repeats`` passes over each dataset through ONE data-loader worker each (persistent; a
     warm-up pass first, so the worker's start is not counted). The sides take turns pass by pass, so a change in
     the machine's load hits them alike. Returns the best times and one batch of each (for its size)."""
-    from pat_hf.data import collate_images
+    from pat_hf.data.datasets import collate_images
 
     loaders = {
         name: torch.utils.data.DataLoader(
@@ -141,7 +141,7 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
     from timm.data import create_transform
 
     from pat_hf import ImageView, with_image_transforms
-    from pat_hf.data import PerSampleSeededDataset
+    from pat_hf.data.datasets import PerSampleSeededDataset
 
     s, t, small = parse_pair(pair)
     student = ImageView(size=(s, s), **STUDENT_STATS)
@@ -185,7 +185,8 @@ def cpu_side(pair: str, n: int, repeats: int) -> dict:
 
 def device_side(pair: str, batch: int, device: str, repeats: int = 5) -> dict:
     from pat_hf import ImageView
-    from pat_hf.augment import AugmentationConfig, device_views, draw_erasing
+    from pat_hf.data.augment import AugmentationConfig, draw_erasing
+    from pat_hf.data.device import device_views
 
     s, t, _ = parse_pair(pair)
     student = ImageView(size=(s, s), **STUDENT_STATS)

@@ -194,7 +194,7 @@ def _pat_components(method, student, teacher, x, steps: int, sync, compile_backe
 
     from pat_hf.losses import hcl_loss
     from pat_hf.methods.pat.method import _align_student
-    from pat_hf.taps import as_map
+    from pat_hf.models.taps import as_map
 
     def compiled(fn):
         return torch.compile(fn, backend=compile_backend) if compile_backend else fn

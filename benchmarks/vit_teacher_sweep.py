@@ -33,7 +33,7 @@ from benchmarks.fashion_mnist import (
     top1_metrics,
 )
 from benchmarks.fashion_mnist.training import _training_args
-from pat_hf.data import TensorBatchCollator
+from pat_hf.data.datasets import TensorBatchCollator
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-eval-images", type=int, help=argparse.SUPPRESS)  # tests only
     args = parser.parse_args(argv)
 
-    from pat_hf.trainer import PATDistillationTrainer
+    from pat_hf.training.trainer import PATDistillationTrainer
 
     config = StudyConfig(output_dir=args.out)
     data = load_study_data(config)

@@ -37,12 +37,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pat_hf
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
-from pat_hf.augment import AugmentationConfig
-from pat_hf.data import check_columns, load_fashion_mnist
+from pat_hf.data.augment import AugmentationConfig
+from pat_hf.data.datasets import check_columns, load_fashion_mnist
 from pat_hf.errors import ConfigValueError
 from pat_hf.methods import get_method
-from pat_hf.output_dir import RunLock, check_output_dir, source_dirs
-from pat_hf.validation import check_config_values, resolve_labels
+from pat_hf.training.output_dir import RunLock, check_output_dir, source_dirs
+from pat_hf.training.validation import check_config_values, resolve_labels
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from transformers import ViTImageProcessor
 
 import benchmarks.model_coverage as coverage
 from pat_hf import ImageView, PATDistillationTrainer, with_image_transforms
-from pat_hf.taps import build_taps
+from pat_hf.models.taps import build_taps
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 FEATURE_PART = {"pat": "loss_hcl", "fitnet": "loss_hint", "ofa": "loss_ofa_s"}
@@ -268,7 +268,7 @@ def test_last_batch_of_one_image_trains(method, tmp_path):
 
 
 def _specs(model, family, sites, size):
-    from pat_hf.taps.engine import StageTaps
+    from pat_hf.models.taps.engine import StageTaps
 
     taps = StageTaps(family, sites)
     try:
@@ -295,8 +295,8 @@ def test_generic_timm_rule_reproduces_the_family_rules(name, kwargs):
     pat_checkpoint_teacher recomputes) and for the paper's own choices (MobileNetV2's conv head as stage 4,
     EfficientNet's first stage starting at the stem)."""
     from pat_hf import create_student
-    from pat_hf.taps.families import _timm_family, _timm_sites
-    from pat_hf.taps.generic import timm_generic_sites
+    from pat_hf.models.taps.families import _timm_family, _timm_sites
+    from pat_hf.models.taps.generic import timm_generic_sites
 
     model = create_student(name, num_classes=3, **kwargs)
     family = _timm_family(model)
@@ -310,7 +310,7 @@ def test_mobilenetv2_keeps_the_official_conv_head_stage():
     """Why the MobileNetV2 rule stays: the official PAT code takes the 1280-channel conv head as stage 4 (the
     paper's head sizes depend on it); the generic rule would take the last block (320 channels)."""
     from pat_hf import create_student
-    from pat_hf.taps.generic import timm_generic_sites
+    from pat_hf.models.taps.generic import timm_generic_sites
 
     model = create_student("mobilenetv2_100", num_classes=3)
     family_taps = build_taps(model, 64)

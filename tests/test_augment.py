@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 from pat_hf import with_image_transforms
-from pat_hf.augment import (
+from pat_hf.data.augment import (
     AugmentationConfig,
     build_image_transforms,
     build_train_augmentation,
     device_views,
     sample_seed,
 )
-from pat_hf.data import PerSampleSeededDataset, collate_images
-from pat_hf.preprocessing import ImageView, convert_view
+from pat_hf.data.datasets import PerSampleSeededDataset, collate_images
+from pat_hf.data.views import ImageView, convert_view
 from support.tiny import make_image_dataset
 
 STUDENT = ImageView(size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -186,7 +186,7 @@ def test_one_config_object_passed_down_whole():
     assert config.hflip == 0.5 and config.crop_ratio == (0.5, 2.0)
     assert AugmentationConfig.from_dict(config.to_dict()) == config
     train = with_image_transforms(make_image_dataset(n=3), STUDENT, None, train=True, augmentation=config)
-    from pat_hf.data import prepared_info
+    from pat_hf.data.datasets import prepared_info
 
     assert prepared_info(train)["augmentation"] is config
     assert prepared_info(with_image_transforms(make_image_dataset(n=3), STUDENT, train=True, re_prob=0.5))[
@@ -203,8 +203,8 @@ def test_modules_depend_one_way():
     import ast
     import inspect
 
-    import pat_hf.augment
-    import pat_hf.preprocessing
+    import pat_hf.data.augment
+    import pat_hf.data.views
 
     def imported(module) -> set[str]:
         tree = ast.parse(inspect.getsource(module))
@@ -303,7 +303,7 @@ def test_increasing_posterize_works_with_the_installed_pillow():
     requirement pins pillow<13), else the option check says so before training."""
     from PIL import Image, ImageOps
 
-    from pat_hf.augment import _pillow_posterizes_to_zero_bits, check_augmentation_options
+    from pat_hf.data.augment import _pillow_posterizes_to_zero_bits, check_augmentation_options
 
     assert _pillow_posterizes_to_zero_bits()
     assert ImageOps.posterize(Image.new("RGB", (2, 2), (200, 100, 50)), 0).getpixel((0, 0)) == (0, 0, 0)

@@ -30,9 +30,9 @@ from pat_hf.methods import (
 )
 from pat_hf.methods.dkd import dkd_warmup_weight
 from pat_hf.methods.fitnet import HintConnector
-from pat_hf.model_card import CITATIONS, ModelCardInfo, build_model_card
-from pat_hf.taps import StageSpec, map_to_tokens
-from pat_hf.teacher import load_teacher
+from pat_hf.models.model_card import CITATIONS, ModelCardInfo, build_model_card
+from pat_hf.models.taps import StageSpec, map_to_tokens
+from pat_hf.models.teacher import load_teacher
 from support.tiny import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 from test_pat import STUDENT_FAMILIES, processor_for
 

@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
-from pat_hf.compile import compile_options, is_compiled_module, unwrap_compiled
+from pat_hf.models.compile import compile_options, is_compiled_module, unwrap_compiled
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 SMALL = {"pat_dim": 32, "pat_num_heads": 4}
@@ -134,7 +134,7 @@ def test_pat_heads_compiled_by_inductor_equal_the_eager_ones_in_float64():
     convolutions."""
     from pat_hf.losses import hcl_loss
     from pat_hf.methods.pat import AdaptiveFeedbackPrompt, RegionAwareAttention, StageAligner
-    from pat_hf.taps import StageSpec
+    from pat_hf.models.taps import StageSpec
 
     torch.manual_seed(0)
     prompt = AdaptiveFeedbackPrompt(8).double()

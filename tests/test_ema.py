@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
-from pat_hf.ema import EMA_WEIGHTS_NAME, ModelEmaCallback
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
+from pat_hf.training.ema import EMA_WEIGHTS_NAME, ModelEmaCallback
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 # The whole recipe on: timm augmentation, Mixup + CutMix, a per-epoch timm cosine with warm-up, EMA.

@@ -9,7 +9,7 @@ import timm
 import torch
 import transformers as tf
 
-from pat_hf.taps import build_embedding_tap, find_classifier
+from pat_hf.models.taps import build_embedding_tap, find_classifier
 from support.tiny import TEACHER_FAMILIES, tiny_teacher
 
 TIMM_MODELS = {

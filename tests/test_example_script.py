@@ -176,7 +176,7 @@ def test_config_file_then_flags_override_it(script, tmp_path):
 def test_augmentation_is_one_config_and_gpu_loader_defaults_respect_given_flags(script, tmp_path):
     """The data arguments build one AugmentationConfig; the GPU data-loader defaults never override a setting the
     command line or the config file gave (and leave a CPU run alone)."""
-    from pat_hf.augment import AugmentationConfig
+    from pat_hf.data.augment import AugmentationConfig
 
     _, data_args, args = script.parse_args(
         [
@@ -211,7 +211,7 @@ def test_augmentation_is_one_config_and_gpu_loader_defaults_respect_given_flags(
 
 
 def test_a_gpu_run_without_loader_workers_is_warned():
-    from pat_hf.trainer import single_process_loading_warning
+    from pat_hf.training.trainer import single_process_loading_warning
 
     assert "dataloader_num_workers=0 on a GPU" in single_process_loading_warning(0, "cuda")
     assert single_process_loading_warning(4, "cuda") is None and single_process_loading_warning(0, "cpu") is None

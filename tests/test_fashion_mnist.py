@@ -18,8 +18,8 @@ from pat_hf import (
     load_fashion_mnist,
     with_image_transforms,
 )
-from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, balanced_subset
-from pat_hf.preprocessing import make_view
+from pat_hf.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, balanced_subset
+from pat_hf.data.views import make_view
 
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
 # CI installs the package: there a missing file is a failure, not a skip.

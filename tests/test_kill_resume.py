@@ -96,10 +96,10 @@ def test_resumed_mid_epoch_with_augmentation_ends_identical(tmp_path):
 def test_staged_checkpoints_rotate_and_keep_the_best(tmp_path):
     """save_total_limit and load_best_model_at_end see the renamed checkpoint-N folders, never _tmp- ones."""
     from pat_hf import PATDistillationTrainer
-    from pat_hf.data import with_image_transforms
-    from pat_hf.preprocessing import ImageView
-    from pat_hf.student import create_student
-    from pat_hf.teacher import load_teacher
+    from pat_hf.data.datasets import with_image_transforms
+    from pat_hf.data.views import ImageView
+    from pat_hf.models.student import create_student
+    from pat_hf.models.teacher import load_teacher
     from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
     dataset = make_image_dataset(n=16, size=16)

@@ -12,7 +12,7 @@ from torch import nn
 
 from pat_hf import create_student
 from pat_hf.methods import DistillationBatch, DistillationMethod, Features, Shapes
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
 from support.tiny import tiny_args, tiny_teacher
 
 

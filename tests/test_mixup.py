@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
+from pat_hf.data.mixup import PairedMixup
 from pat_hf.losses import cross_entropy, ofa_loss
-from pat_hf.mixup import PairedMixup
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 K = 5
@@ -174,7 +174,7 @@ def test_tensor_batch_collator_with_mixup_and_ema(tmp_path):
     """The pieces work with a tensor collator (no teacher view in the batch: the wrapper derives it from the mixed
     student view) and an EMA callback added by hand."""
     from pat_hf import ModelEmaCallback
-    from pat_hf.data import TensorBatchCollator
+    from pat_hf.data.datasets import TensorBatchCollator
 
     g = torch.Generator().manual_seed(0)
     items = [

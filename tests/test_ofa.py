@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 from pat_hf.methods import DistillationBatch, OFADistillation, get_method
 from pat_hf.methods.ofa import ConvBranchHead, PatchMerging, TokenBranchHead, build_branch_head, teacher_feature_dim
-from pat_hf.taps import StageSpec, map_to_tokens
-from pat_hf.teacher import load_teacher
+from pat_hf.models.taps import StageSpec, map_to_tokens
+from pat_hf.models.teacher import load_teacher
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 # Students small enough for CPU tests; the kwargs go to timm.create_model.

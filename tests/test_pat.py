@@ -15,7 +15,7 @@ from transformers import ViTImageProcessor
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
 from pat_hf.methods.base import DistillationBatch
 from pat_hf.methods.pat import PerspectiveAwareTeaching
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
 from support.tiny import TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 
 SMALL = {"pat_dim": 32, "pat_num_heads": 4}
@@ -415,7 +415,7 @@ def test_aligners_are_built_as_the_official_modules(tmp_path):
     """Bias-free 1x1 convolutions (map and feedback aligners); the token aligner normalises the queries before
     Linear(D -> C) and the channels before Linear(queries -> L)."""
     from pat_hf.methods.pat import FeedbackAligner, StageAligner
-    from pat_hf.taps import StageSpec
+    from pat_hf.models.taps import StageSpec
 
     token = StageAligner(StageSpec("tokens", 24, 4, 4, prefix_tokens=1), num_tokens=16, dim=32)
     assert (token.token_norm.num_features, token.channel_norm.num_features) == (16, 24)

@@ -9,9 +9,10 @@ from PIL import Image
 from transformers import ConvNextImageProcessor, ViTImageProcessor
 
 from pat_hf import ImageView, create_student, with_image_transforms
-from pat_hf.augment import build_image_transforms, device_views
-from pat_hf.data import collate_images
-from pat_hf.preprocessing import build_eval_transform, convert_view, make_view
+from pat_hf.data.augment import build_image_transforms
+from pat_hf.data.datasets import collate_images
+from pat_hf.data.device import device_views
+from pat_hf.data.views import build_eval_transform, convert_view, make_view
 from support.tiny import make_image_dataset
 
 
@@ -109,13 +110,13 @@ def test_teacher_view_derived_by_resizing_is_flagged_once(tmp_path, caplog):
     args = PATTrainingArguments(str(tmp_path), distill_method="kd", use_cpu=True, report_to=[])
     model = build_distillation_model(args, student, tiny_teacher("vit"), class_names=["cat", "dog", "bird"])
     x, y = torch.randn(2, 3, 20, 20), torch.tensor([0, 1])
-    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+    with caplog.at_level(logging.WARNING, logger="pat_hf.training.modeling"):
         model.train()(x, labels=y)
         model(x, labels=y)
     messages = [r.getMessage() for r in caplog.records if "teacher_pixel_values" in r.getMessage()]
     assert len(messages) == 1 and "16x16" in messages[0] and "20x20" in messages[0] and "padding" in messages[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+    with caplog.at_level(logging.WARNING, logger="pat_hf.training.modeling"):
         model(x, labels=y, teacher_pixel_values=torch.randn(2, 3, 16, 16))
     assert not caplog.records
 
@@ -153,7 +154,7 @@ def test_evaluation_batches_carry_the_teachers_own_view(tmp_path, caplog):
         train_dataset=with_image_transforms(dataset, student_view, teacher_view, train=True),
         eval_dataset=evaluation,
     )
-    with caplog.at_level(logging.WARNING, logger="pat_hf.modeling"):
+    with caplog.at_level(logging.WARNING, logger="pat_hf.training.modeling"):
         metrics = trainer.evaluate()
     assert "eval_loss_kd" in metrics
     assert not [r for r in caplog.records if "teacher_pixel_values" in r.getMessage()]

@@ -15,7 +15,7 @@ import torch
 from transformers import ViTImageProcessor
 
 from pat_hf import PATDistillationTrainer
-from pat_hf.mixup import PairedMixup
+from pat_hf.data.mixup import PairedMixup
 from support.tiny import make_image_dataset, tiny_teacher
 from test_example_script import load_script
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pat_hf.recompute import BlockRecompute
+from pat_hf.models.recompute import BlockRecompute
 
 
 class TupleBlock(nn.Module):

@@ -18,8 +18,8 @@ from transformers import TrainerCallback, ViTImageProcessor
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, export_student, with_image_transforms
 from pat_hf.errors import CheckpointSaveError, DivergedLossError, OutputDirError, RunLockedError
-from pat_hf.loss_guard import LossGuard
-from pat_hf.output_dir import LOCK_NAME, MARKER_NAME, RunLock, check_output_dir
+from pat_hf.training.loss_guard import LossGuard
+from pat_hf.training.output_dir import LOCK_NAME, MARKER_NAME, RunLock, check_output_dir
 from support.files import folder_hashes
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
@@ -300,7 +300,7 @@ class BlowUpStudentAt(TrainerCallback):
 
 
 def test_a_loss_diverging_while_finite_stops_before_the_update(tmp_path, monkeypatch):
-    monkeypatch.setattr("pat_hf.loss_guard.EARLY_STEPS", 3)
+    monkeypatch.setattr("pat_hf.training.loss_guard.EARLY_STEPS", 3)
     trainer = make_trainer(tmp_path / "out", max_steps=8, divergence_max_loss=0)
     blow_up = BlowUpStudentAt(trainer, 4, 1e7)
     trainer.add_callback(blow_up)

@@ -151,7 +151,7 @@ def test_server_errors_name_the_endpoint_and_the_repo(status):
     from huggingface_hub.errors import HfHubHTTPError
 
     from pat_hf.errors import HubPushError
-    from pat_hf.hub_push import explain_push_error
+    from pat_hf.training.hub_push import explain_push_error
 
     request = httpx2.Request("POST", "https://hub.example/api/models/user/student/commit/main")
     response = httpx2.Response(status, request=request, headers={"X-Error-Message": "upstream unavailable"})

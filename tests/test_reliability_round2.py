@@ -21,6 +21,8 @@ from PIL import Image
 
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
 from pat_hf.checkpoint_integrity import FILE_LIST_NAME, verify_checkpoint
+from pat_hf.data.images import to_rgb
+from pat_hf.data.views import make_view
 from pat_hf.errors import (
     CheckpointError,
     DatasetError,
@@ -30,12 +32,10 @@ from pat_hf.errors import (
     StudentLoadError,
     TeacherLoadError,
 )
-from pat_hf.images import to_rgb
-from pat_hf.output_dir import check_output_dir
-from pat_hf.preprocessing import make_view
-from pat_hf.progress_check import StudentUnchangedError
-from pat_hf.teacher import match_classes
-from pat_hf.validation import resolve_labels
+from pat_hf.models.teacher import match_classes
+from pat_hf.training.output_dir import check_output_dir
+from pat_hf.training.progress_check import StudentUnchangedError
+from pat_hf.training.validation import resolve_labels
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 VIEW = ImageView(size=(16, 16))
@@ -417,7 +417,7 @@ def test_arrays_tensors_paths_and_bytes_give_the_same_pixels_as_images(tmp_path)
         got = pixels_of(data)
         assert torch.allclose(got, expected, atol=1 / 255 + 1e-6), name
     # pathlib paths and raw bytes, through the transform itself (Arrow stores them as strings / binary)
-    from pat_hf.dataset_shapes import as_pil_image
+    from pat_hf.data.dataset_shapes import as_pil_image
 
     assert np.array_equal(np.asarray(as_pil_image(paths[0], "image")), np.asarray(images[0]))
     assert np.array_equal(np.asarray(as_pil_image(encoded[0], "image")), np.asarray(images[0]))
@@ -439,7 +439,7 @@ def test_arrays_tensors_paths_and_bytes_give_the_same_pixels_as_images(tmp_path)
     ],
 )
 def test_arrays_of_every_layout_and_type_give_the_right_colour(array, expected):
-    from pat_hf.dataset_shapes import as_pil_image
+    from pat_hf.data.dataset_shapes import as_pil_image
 
     assert np.asarray(to_rgb(as_pil_image(array, "image")))[0, 0].tolist() == expected
 
@@ -480,7 +480,7 @@ def test_missing_images_are_refused_naming_column_and_rows():
     ],
 )
 def test_values_that_are_not_images_are_refused_naming_the_column(value, pattern):
-    from pat_hf.dataset_shapes import as_pil_image
+    from pat_hf.data.dataset_shapes import as_pil_image
 
     with pytest.raises(ImageLoadError, match=pattern):
         as_pil_image(value, "image")

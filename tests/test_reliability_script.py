@@ -23,7 +23,7 @@ from pat_hf.errors import (
     RunLockedError,
     TeacherLoadError,
 )
-from pat_hf.output_dir import LOCK_NAME
+from pat_hf.training.output_dir import LOCK_NAME
 from support.files import folder_hashes, truncate
 from support.tiny import make_image_dataset, tiny_teacher
 

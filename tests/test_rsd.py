@@ -16,7 +16,7 @@ from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image
 from pat_hf.losses import rsd_loss
 from pat_hf.methods import DistillationBatch, Features, get_method
 from pat_hf.methods.rsd import AADModule
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 

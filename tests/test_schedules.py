@@ -9,8 +9,8 @@ import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 from pat_hf import ImageView, PATDistillationTrainer, PATTrainingArguments, create_student, with_image_transforms
-from pat_hf.schedules import build_timm_lr_scheduler
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
+from pat_hf.training.schedules import build_timm_lr_scheduler
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 

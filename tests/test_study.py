@@ -17,7 +17,7 @@ import torch
 import benchmarks.fashion_mnist as study
 from benchmarks.fashion_mnist import StudyConfig, StudyData, load_runs, plan_runs, run_study, write_report
 from benchmarks.fashion_mnist import runs as study_runs
-from pat_hf.data import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorBatchCollator
+from pat_hf.data.datasets import FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorBatchCollator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_DATA = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))

@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from pat_hf.taps import (
+from pat_hf.models.taps import (
     SUPPORTED_STUDENTS,
     SUPPORTED_TEACHERS,
     StageSpec,

@@ -10,7 +10,7 @@ import torch
 from transformers import ViTImageProcessor
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
-from pat_hf.teacher import load_teacher
+from pat_hf.models.teacher import load_teacher
 from support.tiny import CLASS_NAMES, TEACHER_FAMILIES, make_image_dataset, tiny_args, tiny_teacher
 
 

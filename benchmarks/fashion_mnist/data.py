@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pat_hf.data import FASHION_MNIST_DIR, balanced_subset, find_idx, read_idx
+from pat_hf.data.datasets import FASHION_MNIST_DIR, balanced_subset, find_idx, read_idx
 
 from .config import StudyConfig
 
@@ -127,8 +127,8 @@ class AugmentingCollator:
 
     def __init__(self, auto_augment: str, image_size: int, mean: float, std: float) -> None:
         from pat_hf import ImageView
-        from pat_hf.augment import build_train_augmentation
-        from pat_hf.data import TensorBatchCollator
+        from pat_hf.data.augment import build_train_augmentation
+        from pat_hf.data.datasets import TensorBatchCollator
 
         view = ImageView(size=(image_size, image_size), mean=(mean,) * 3, std=(std,) * 3)
         self.view = view
@@ -149,7 +149,7 @@ class AugmentingCollator:
             border = (self.image_size - image.shape[0]) // 2
             views.append(self.transform(Image.fromarray(np.pad(image, border)).convert("RGB"))["pixel_values"])
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-        from pat_hf.preprocessing import make_view
+        from pat_hf.data.views import make_view
 
         # The transform gives uint8 images; this collator's batches are normalised with its own statistics (the
         # study's student and teacher share them), as timm's ToTensor + Normalize did here before.

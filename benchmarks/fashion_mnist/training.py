@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pat_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorBatchCollator
+from pat_hf.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, TensorBatchCollator
 
 from .config import (
     IMAGE_SIZE,
@@ -72,7 +72,7 @@ def build_teacher(name: str, **overrides: Any) -> tuple[torch.nn.Module, Any]:
 
 def build_student(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A randomly initialised timm student of the study and the arguments it was created with."""
-    from pat_hf.student import create_student
+    from pat_hf.models.student import create_student
 
     recipe = dict(STUDENT_RECIPES[name])
     arch = recipe.pop("name")
@@ -92,7 +92,7 @@ def _training_args(
     config: StudyConfig, output_dir: str, *, epochs: int, batch_size: int, lr: float, seed: int, **kw: Any
 ) -> Any:
     """The PATTrainingArguments shared by every run: AdamW, cosine schedule, no checkpoints, bf16 on cuda."""
-    from pat_hf.configuration import PATTrainingArguments
+    from pat_hf.training.configuration import PATTrainingArguments
 
     device = config.resolved_device()
     values: dict[str, Any] = dict(
@@ -183,7 +183,7 @@ def _teacher_dir(config: StudyConfig, name: str) -> str:
 
 
 def _train_teacher(config: StudyConfig, spec: RunSpec, data: StudyData, settings: dict[str, Any]) -> dict[str, Any]:
-    from pat_hf.trainer import PATDistillationTrainer
+    from pat_hf.training.trainer import PATDistillationTrainer
 
     path = _teacher_dir(config, spec.name)
     work_dir = path + ".partial"
@@ -261,7 +261,7 @@ def _score(config: StudyConfig, trainer: Any, data: StudyData) -> dict[str, Any]
 def _train_student(config: StudyConfig, spec: RunSpec, data: StudyData, settings: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from pat_hf.trainer import PATDistillationTrainer
+    from pat_hf.training.trainer import PATDistillationTrainer
 
     pair, recipe = pair_and_recipe(spec.name)
     teacher_name, student_name = PAIRS[pair]

@@ -10,10 +10,12 @@ Example:
 
 from .version import __version__  # noqa: I001  (first: every module below may read it)
 
-from .augment import AugmentationConfig
-from .configuration import PATTrainingArguments
-from .data import load_fashion_mnist, with_image_transforms
-from .ema import ModelEmaCallback
+from . import _compat
+
+from .data.augment import AugmentationConfig
+from .data.datasets import load_fashion_mnist, with_image_transforms
+from .data.mixup import PairedMixup
+from .data.views import ImageView
 from .errors import (
     CheckpointSaveError,
     DivergedLossError,
@@ -23,15 +25,17 @@ from .errors import (
     StudentLoadError,
     StudentUnchangedError,
 )
-from .export import export_student, load_student_weights
 from .methods import DistillationMethod, available_methods, get_method, register_method
 from .metrics import build_compute_metrics
-from .mixup import PairedMixup
-from .modeling import build_distillation_model
-from .preprocessing import ImageView
-from .student import create_student
-from .teacher import Teacher, load_teacher
-from .trainer import PATDistillationTrainer
+from .models.export import export_student, load_student_weights
+from .models.student import create_student
+from .models.teacher import Teacher, load_teacher
+from .training.configuration import PATTrainingArguments
+from .training.ema import ModelEmaCallback
+from .training.modeling import build_distillation_model
+from .training.trainer import PATDistillationTrainer
+
+_compat.install()  # the 0.2 module paths (pat_hf.trainer, ...) keep working for one release, with a warning
 
 __all__ = [
     "AugmentationConfig",

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, balanced_subset
+from .data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, balanced_subset
 
 __all__ = ["DemoConfig", "ensure_teacher", "main", "run_demo"]
 
@@ -80,10 +80,10 @@ def ensure_teacher(cache_dir: str = ".cache/pat_hf", epochs: int | None = None, 
     """
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from .configuration import PATTrainingArguments
-    from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, with_image_transforms
-    from .preprocessing import ImageView
-    from .trainer import PATDistillationTrainer
+    from .data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, with_image_transforms
+    from .data.views import ImageView
+    from .training.configuration import PATTrainingArguments
+    from .training.trainer import PATDistillationTrainer
 
     recipe = dict(TEACHER_RECIPE, epochs=epochs or TEACHER_RECIPE["epochs"])
     tag = "fashion-mnist-resnet{width}-e{epochs}-s{seed}".format(width=recipe["hidden_sizes"][-1], **recipe)
@@ -157,11 +157,11 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     """Runs the demo and returns the table rows (also printed)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from .configuration import PATTrainingArguments
-    from .data import load_fashion_mnist, with_image_transforms
-    from .preprocessing import ImageView
-    from .student import create_student
-    from .trainer import PATDistillationTrainer
+    from .data.datasets import load_fashion_mnist, with_image_transforms
+    from .data.views import ImageView
+    from .models.student import create_student
+    from .training.configuration import PATTrainingArguments
+    from .training.trainer import PATDistillationTrainer
 
     t0 = time.time()
     train_full = load_fashion_mnist("train")

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 from pat_hf import ImageView, PATDistillationTrainer, create_student, with_image_transforms
-from pat_hf.data import collate_images
-from pat_hf.teacher import load_teacher
+from pat_hf.data.datasets import collate_images
+from pat_hf.models.teacher import load_teacher
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 GLOBAL_BATCH = 8

@@ -23,10 +23,10 @@ import torch
 from transformers import TrainerCallback
 
 from pat_hf import PATDistillationTrainer
-from pat_hf.data import with_image_transforms
-from pat_hf.preprocessing import ImageView
-from pat_hf.student import create_student
-from pat_hf.teacher import load_teacher
+from pat_hf.data.datasets import with_image_transforms
+from pat_hf.data.views import ImageView
+from pat_hf.models.student import create_student
+from pat_hf.models.teacher import load_teacher
 from support.tiny import make_image_dataset, tiny_args, tiny_teacher
 
 

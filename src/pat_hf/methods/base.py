@@ -9,23 +9,24 @@ so ``PATTrainingArguments`` needs to know no method's rules.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..compile import compile_region
+from ..data.views import ImageView
 from ..losses import cross_entropy, kl_div_loss
-from ..preprocessing import ImageView
-from ..student import student_logits, student_num_classes
-from ..taps import StageSpec, build_embedding_tap, build_taps
+from ..models.compile import compile_region
+from ..models.student import student_logits, student_num_classes
+from .features import READABLE, Features, ModelShapes, Shapes, _Reader
+from .helpers import check_stage_list, init_head_weights, resolve_stages
 
 if TYPE_CHECKING:
-    from ..configuration import PATTrainingArguments
-    from ..teacher import Teacher
+    from transformers import TrainingArguments
+
+    from ..models.teacher import Teacher
 
 __all__ = [
     "READABLE",
@@ -37,6 +38,7 @@ __all__ = [
     "Shapes",
     "check_stage_list",
     "init_head_weights",
+    "resolve_stages",
     "student_region",
     "teacher_region",
 ]
@@ -77,143 +79,6 @@ class DistillationOutput:
         # loss equal to one of its parts (`0 + 1.0 * ce`) with that part, and when the part it returns is
         # detached, the loss loses its grad_fn too ("element 0 of tensors does not require grad").
         self.parts = {name: value.detach() for name, value in self.parts.items()}
-
-
-READABLE = ("logits", "embedding", "stages")
-"""What a method can declare in :attr:`DistillationMethod.reads`."""
-
-
-@dataclass
-class Features:
-    """What one model's pass produced, as far as the method declared it reads it.
-
-    Args:
-        logits: (B, K) logits (the teacher's in dataset class order).
-        embedding: (B, D) penultimate embedding, the classifier's input (with ``"embedding"`` in ``reads``).
-        stages: The 4 stage features in canonical layout (:class:`~pat_hf.taps.StageSpec`: maps (B, C, H, W),
-            tokens (B, P + H·W, C)), with ``"stages"`` in ``reads``.
-    """
-
-    logits: torch.Tensor
-    embedding: torch.Tensor | None = None
-    stages: list[torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """One model's shapes, measured by probe forwards before training.
-
-    Args:
-        num_classes: K, the logits' width.
-        embedding: D, the penultimate embedding's width (with ``"embedding"`` in ``reads``).
-        stages: The layouts of the 4 stage features (with ``"stages"`` in ``reads``).
-    """
-
-    num_classes: int
-    embedding: int | None = None
-    stages: tuple[StageSpec, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What :meth:`DistillationMethod.build` is given: the student's and the teacher's shapes (None: no teacher)."""
-
-    student: ModelShapes
-    teacher: ModelShapes | None
-
-
-class _Reader:
-    """The taps one model is read through (hooks only, no parameters: never module state)."""
-
-    def __init__(self, model: nn.Module, reads: tuple[str, ...], image_size: tuple[int, int] | None) -> None:
-        self.embedding = build_embedding_tap(model, image_size) if "embedding" in reads else None
-        self.stages = build_taps(model, image_size=image_size) if "stages" in reads else None
-
-    def shapes(self, num_classes: int) -> ModelShapes:
-        return ModelShapes(
-            num_classes=num_classes,
-            embedding=self.embedding.dim if self.embedding is not None else None,
-            stages=tuple(self.stages.output_specs) if self.stages is not None else None,
-        )
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[dict[str, Any]]:
-        """Yields a dict that holds, after the block, ``embedding`` and ``stages`` as declared."""
-        found: dict[str, Any] = {}
-        with contextlib.ExitStack() as stack:
-            embedding = stack.enter_context(self.embedding.capture()) if self.embedding is not None else None
-            stages = stack.enter_context(self.stages.capture()) if self.stages is not None else None
-            yield found
-        if embedding is not None:
-            if len(embedding) != 1:
-                raise RuntimeError(
-                    "the penultimate embedding was not captured: was the method called with the model it was built for?"
-                )
-            found["embedding"] = embedding[0]
-        if stages is not None:
-            if len(stages) != 4 or any(f is None for f in stages):
-                raise RuntimeError(
-                    f"captured {len(stages)} stage features, expected 4: was the method called with "
-                    "the model it was built for?"
-                )
-            found["stages"] = list(stages)
-
-
-def init_head_weights(module: nn.Module) -> None:
-    """The initialisation OFA-KD and PAT give the modules they add to the student side.
-
-    Kaiming normal (fan-out, ReLU) for convolutions, truncated normal (std 0.02) for linear layers, zero biases,
-    and weight 1 / bias 0 for the norms. PAT's prompt blocks keep PyTorch's defaults and do not go through here.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def check_stage_list(args: Any, name: str) -> None:
-    """Checks (and sorts in place) a list of stage numbers among 1-4 held by ``args.<name>``.
-
-    Raises:
-        ValueError: On a number outside 1-4 or a repeated one.
-    """
-    try:
-        stages = [int(s) for s in getattr(args, name)]
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a list of stage numbers among 1, 2, 3, 4; got {getattr(args, name)!r}."
-        ) from None
-    if any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"{name} must be distinct stage numbers among 1, 2, 3, 4; got {stages}.")
-    setattr(args, name, sorted(stages))
-
-
-def resolve_stages(stages: list[int], available: int, name: str, model_name: str) -> list[int]:
-    """A method's stage list for a model with ``available`` stages (1 to 4).
-
-    The default, all 4, becomes ``1..available``; an explicit stage beyond the model's count is refused.
-
-    Raises:
-        ValueError: A stage beyond ``available``, naming the model and its stage count.
-    """
-    stages = [int(s) for s in stages]
-    if stages == [1, 2, 3, 4]:
-        return list(range(1, available + 1))
-    beyond = [s for s in stages if s > available]
-    if beyond:
-        raise ValueError(
-            f"{name} {stages}: {model_name} has {available} stage(s), so stage(s) {beyond} do not exist. Set "
-            f"{name} among 1..{available} (or leave the default, all of them)."
-        )
-    return stages
 
 
 def student_region(student: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -258,7 +123,7 @@ class DistillationMethod(nn.Module):
     requires_labels: ClassVar[bool] = False
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """Checks (and normalises in place) this method's own settings in ``args``; called by
         ``PATTrainingArguments.__post_init__`` for the chosen method, before any model is built.
 
@@ -266,7 +131,7 @@ class DistillationMethod(nn.Module):
             ValueError: A setting is out of range, saying which and what is allowed.
         """
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
+    def __init__(self, args: TrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__()
         if self.requires_teacher and teacher is None:
             raise ValueError(f"distill_method={self.name!r} needs a teacher.")
@@ -300,7 +165,7 @@ class DistillationMethod(nn.Module):
 
     # ---- the declarative step ---------------------------------------------------------------------------------
 
-    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
+    def build(self, args: TrainingArguments, shapes: Shapes) -> None:
         """Reads this method's settings from ``args`` and builds its heads from ``shapes`` (declarative methods).
 
         Called once by ``__init__`` when :attr:`reads` is set, after the probes measured the shapes; a head

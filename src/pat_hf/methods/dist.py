@@ -17,7 +17,7 @@ from .base import DistillationMethod, Features, Shapes
 from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["DISTDistillation"]
 
@@ -41,7 +41,7 @@ class DISTDistillation(DistillationMethod):
     }
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``dist_beta``, ``dist_gamma``: finite and >= 0."""
         for name in ("dist_beta", "dist_gamma"):
             value = getattr(args, name)
@@ -50,7 +50,7 @@ class DISTDistillation(DistillationMethod):
 
     reads = ("logits",)
 
-    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
+    def build(self, args: TrainingArguments, shapes: Shapes) -> None:
         self.beta = float(args.dist_beta)
         self.gamma = float(args.dist_gamma)
 

@@ -19,7 +19,7 @@ from .base import DistillationMethod, Features, Shapes
 from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["DecoupledKnowledgeDistillation", "dkd_warmup_weight"]
 
@@ -52,7 +52,7 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
     }
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``dkd_alpha``, ``dkd_beta``, ``dkd_warmup_epochs``: finite and >= 0 (a warm-up of 0 is none)."""
         for name in ("dkd_alpha", "dkd_beta", "dkd_warmup_epochs"):
             value = getattr(args, name)
@@ -62,7 +62,7 @@ class DecoupledKnowledgeDistillation(DistillationMethod):
     reads = ("logits",)
     requires_labels = True  # the target-class term is defined by the labelled class ('kd' or 'dist' work without)
 
-    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
+    def build(self, args: TrainingArguments, shapes: Shapes) -> None:
         self.alpha = float(args.dkd_alpha)
         self.beta = float(args.dkd_beta)
         self.warmup_epochs = float(args.dkd_warmup_epochs)

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.views import ImageView
 from ..losses import hint_loss, kl_div_loss
-from ..preprocessing import ImageView
-from ..taps import StageSpec, as_map, build_taps
-from ..teacher import Teacher
+from ..models.taps import StageSpec, as_map, build_taps
+from ..models.teacher import Teacher
 from .base import (
     DistillationBatch,
     DistillationMethod,
@@ -43,7 +43,7 @@ from .base import (
 from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["FitNetDistillation", "HintConnector"]
 
@@ -139,7 +139,7 @@ class FitNetDistillation(DistillationMethod):
     }
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``fitnet_stages``: distinct stages among 1-4, at least one; ``fitnet_teacher_stages``: empty, or one
         stage among 1-4 per student stage; ``fitnet_weight`` finite and >= 0. The pairs are sorted by student
         stage (in place)."""
@@ -160,7 +160,7 @@ class FitNetDistillation(DistillationMethod):
                 f"fitnet_weight must be >= 0 and finite (0 switches the hints off), got {args.fitnet_weight}."
             )
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
+    def __init__(self, args: TrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__(args, student, teacher)
         student_stages = [int(s) for s in args.fitnet_stages]
         teacher_stages = [int(t) for t in args.fitnet_teacher_stages] or list(student_stages)

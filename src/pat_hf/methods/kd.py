@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..losses import kl_div_loss
-from ..teacher import Teacher
+from ..models.teacher import Teacher
 from .base import DistillationBatch, DistillationMethod, DistillationOutput, Features
 from .registry import register_method
 

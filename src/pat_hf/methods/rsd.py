@@ -30,7 +30,7 @@ from .base import DistillationMethod, Features, Shapes, init_head_weights
 from .registry import register_method
 
 if TYPE_CHECKING:
-    from ..configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["AADModule", "RedundancySuppressionDistillation", "all_gather_rows"]
 
@@ -109,7 +109,7 @@ class RedundancySuppressionDistillation(DistillationMethod):
     reads = ("logits", "embedding")
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``rsd_weight``, ``rsd_kd_weight``: finite and >= 0; ``rsd_kappa``: None or finite and >= 0;
         ``rsd_expander_dim``: None or an integer >= 1; ``rsd_target``: ``embedding`` or ``logits``."""
         _finite(args, "rsd_weight")
@@ -125,7 +125,7 @@ class RedundancySuppressionDistillation(DistillationMethod):
         if args.rsd_target not in TARGETS:
             raise ValueError(f"rsd_target must be one of {', '.join(TARGETS)}, got {args.rsd_target!r}.")
 
-    def build(self, args: PATTrainingArguments, shapes: Shapes) -> None:
+    def build(self, args: TrainingArguments, shapes: Shapes) -> None:
         self.target = str(args.rsd_target)
         side = "embedding" if self.target == "embedding" else "num_classes"
         student_dim, teacher_dim = getattr(shapes.student, side), getattr(shapes.teacher, side)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...taps import StageSpec, tokens_to_map
+from ...models.taps import StageSpec, tokens_to_map
 from ..base import init_head_weights
 from ..norms import AnyBatchNorm2d
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ...losses import ofa_loss
-from ...student import student_num_classes
-from ...taps import StageSpec, build_taps
-from ...teacher import Teacher
+from ...models.student import student_num_classes
+from ...models.taps import StageSpec, build_taps
+from ...models.teacher import Teacher
 from ..base import (
     DistillationBatch,
     DistillationMethod,
@@ -25,7 +25,7 @@ from ..registry import register_method
 from .heads import build_branch_head, teacher_feature_dim
 
 if TYPE_CHECKING:
-    from ...configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["OFADistillation"]
 
@@ -56,7 +56,7 @@ class OFADistillation(DistillationMethod):
     }
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``ofa_stages``: distinct stages among 1-4; ``ofa_epsilon``: values >= 1, one per stage plus one for the
         final logits (or one for all); ``ofa_weight`` >= 0."""
         check_stage_list(args, "ofa_stages")
@@ -76,7 +76,7 @@ class OFADistillation(DistillationMethod):
                 f"ofa_weight must be >= 0 and finite (0 switches the branch terms off), got {args.ofa_weight}."
             )
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
+    def __init__(self, args: TrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__(args, student, teacher)
         self.stages = [int(s) for s in args.ofa_stages]
         # validate_args already checked the count: one value per stage plus the final logits, or one.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...taps import StageSpec, as_map
+from ...models.taps import StageSpec, as_map
 from ..norms import AnyBatchNorm1d, AnyBatchNorm2d
 
 __all__ = [

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ...data.views import ImageView
 from ...losses import hcl_loss, kl_div_loss
-from ...preprocessing import ImageView
-from ...recompute import BlockRecompute
-from ...taps import StageSpec, as_map, build_taps
-from ...teacher import Teacher
+from ...models.recompute import BlockRecompute
+from ...models.taps import StageSpec, as_map, build_taps
+from ...models.teacher import Teacher
 from ..base import (
     DistillationBatch,
     DistillationMethod,
@@ -39,7 +39,7 @@ from .heads import FeedbackAligner, RegionAwareAttention, StageAligner, region_g
 from .prompts import AdaptiveFeedbackPrompt
 
 if TYPE_CHECKING:
-    from ...configuration import PATTrainingArguments
+    from transformers import TrainingArguments
 
 __all__ = ["PerspectiveAwareTeaching"]
 
@@ -88,7 +88,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
     }
 
     @classmethod
-    def validate_args(cls, args: PATTrainingArguments) -> None:
+    def validate_args(cls, args: TrainingArguments) -> None:
         """``pat_prompt_stages``: distinct stages among 1-4 (or none); ``pat_num_queries``: 4 x a square;
         ``pat_dim``: a positive multiple of ``pat_num_heads``; the loss weights finite and >= 0."""
         check_stage_list(args, "pat_prompt_stages")
@@ -102,7 +102,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
             if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be >= 0 and finite (0 switches the term off), got {value}.")
 
-    def __init__(self, args: PATTrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
+    def __init__(self, args: TrainingArguments, student: nn.Module, teacher: Teacher | None) -> None:
         super().__init__(args, student, teacher)
         self.feature_weight = float(args.pat_feature_weight)
         self.reg_weight = float(args.pat_reg_weight)

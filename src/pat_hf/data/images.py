@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageLoadError
+from ..errors import ImageLoadError
 
 __all__ = ["DEFAULT_BACKGROUND", "to_rgb"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DatasetError, ImageLoadError
+from ..errors import DatasetError, ImageLoadError
 
 __all__ = [
     "as_pil_image",

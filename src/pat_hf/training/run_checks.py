@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import DatasetError, StudentLoadError, TeacherLoadError
+from ..errors import DatasetError, StudentLoadError, TeacherLoadError
 
 __all__ = ["check_batch_fits", "check_student_is_classifier", "check_teacher_input", "check_two_models"]
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import OutputDirError, RunLockedError
-from .version import __version__
+from ..errors import OutputDirError, RunLockedError
+from ..version import __version__
 
 __all__ = [
     "LOCK_NAME",

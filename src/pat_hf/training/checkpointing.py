@@ -35,20 +35,20 @@ try:  # transformers >= 5.x: a function; earlier releases: Trainer._rotate_check
 except ImportError:  # pragma: no cover - depends on the installed transformers
     _rotate_checkpoints = None
 
-from .checkpoint_integrity import (
+from ..checkpoint_integrity import (
     list_checkpoints,
     manifest_differences,
     save_failure,
     verify_checkpoint,
     write_file_list,
 )
+from ..errors import CheckpointError, OutputDirError
+from ..models.export import SAFE_WEIGHTS_NAME, export_student, load_student_weights
+from ..models.student import is_timm_model, is_transformers_model, student_build_args, student_num_classes
+from ..version import __version__
 from .ema import EMA_WEIGHTS_NAME, find_model_ema
-from .errors import CheckpointError, OutputDirError
-from .export import SAFE_WEIGHTS_NAME, export_student, load_student_weights
 from .output_dir import MARKER_NAME, check_output_dir, read_marker, write_marker
 from .progress_check import parameter_fingerprint
-from .student import is_timm_model, is_transformers_model, student_build_args, student_num_classes
-from .version import __version__
 
 __all__ = ["DISTILL_STATE_NAME", "MANIFEST_NAME", "STAGING_PREFIX", "CheckpointMixin"]
 

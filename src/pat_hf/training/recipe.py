@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..data.mixup import MIXUP_MODES
 from .ema import EXPORT_WEIGHTS
-from .mixup import MIXUP_MODES
 from .schedules import LR_SCHEDULES
 
 __all__ = ["RecipeArguments", "recipe_summary"]

@@ -21,22 +21,22 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ..data.dataset_shapes import check_prepared, check_split, is_iterable_dataset
+from ..data.datasets import PerSampleSeededDataset, collate_images, prepared_info, prepared_views
+from ..errors import DivergedLossError, NonFiniteLossError
+from ..metrics import build_compute_metrics
+from ..models.compile import CompileMixin
+from ..models.student import student_num_classes, student_source
+from ..models.teacher import Teacher
 from .checkpointing import CheckpointMixin
-from .compile import CompileMixin
 from .configuration import PATTrainingArguments
-from .data import PerSampleSeededDataset, collate_images, prepared_info, prepared_views
-from .dataset_shapes import check_prepared, check_split, is_iterable_dataset
-from .errors import DivergedLossError, NonFiniteLossError
 from .hub_push import HubPushMixin
 from .loss_guard import LossGuard
-from .metrics import build_compute_metrics
 from .modeling import build_distillation_model, resolve_teacher
 from .output_dir import RunLock, check_output_dir, source_dirs
 from .progress_check import StudentGradientCallback, StudentUnchangedError, parameter_fingerprint, why_unchanged
 from .recipe_mixin import RecipeMixin
 from .run_checks import check_batch_fits, check_student_is_classifier, check_teacher_input, check_two_models
-from .student import student_num_classes, student_source
-from .teacher import Teacher
 from .validation import check_dataset_labels
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import DivergedLossError, NonFiniteLossError
+from ..errors import DivergedLossError, NonFiniteLossError
 
 __all__ = ["EARLY_STEPS", "LossGuard"]
 

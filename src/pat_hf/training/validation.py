@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .data import check_not_empty, dataset_class_names, prepared_info
-from .dataset_shapes import is_iterable_dataset
-from .errors import ConfigValueError, LabelError
-from .teacher import Teacher, ambiguous_names, describe_ambiguous, normalise_class_name
+from ..data.dataset_shapes import is_iterable_dataset
+from ..data.datasets import check_not_empty, dataset_class_names, prepared_info
+from ..errors import ConfigValueError, LabelError
+from ..models.classes import ambiguous_names, describe_ambiguous
+from ..models.teacher import Teacher, normalise_class_name
 
 __all__ = ["LabelSpace", "check_config_values", "check_dataset_labels", "resolve_labels"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ..data.mixup import PairedMixup, build_mixup
 from .ema import ModelEmaCallback, find_model_ema
-from .mixup import PairedMixup, build_mixup
 from .schedules import build_timm_lr_scheduler
 
 __all__ = ["RecipeMixin"]

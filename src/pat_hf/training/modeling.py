@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .augment import device_views
-from .compile import is_compiled_module, unwrap_compiled
-from .methods import DistillationBatch, DistillationMethod, get_method
-from .preprocessing import ImageView, convert_view, make_view
-from .student import (
-    check_timm_rebuildable,
+from ..data.device import device_views
+from ..data.views import ImageView, convert_view, make_view
+from ..methods import DistillationBatch, DistillationMethod, get_method
+from ..models.compile import is_compiled_module, unwrap_compiled
+from ..models.rebuild import check_timm_rebuildable
+from ..models.student import (
     create_student,
     is_timm_model,
     is_transformers_model,
     reconcile_student_view,
     student_num_classes,
 )
-from .teacher import Teacher, load_teacher, match_classes
+from ..models.teacher import Teacher, load_teacher, match_classes
 
 if TYPE_CHECKING:
     from .configuration import PATTrainingArguments

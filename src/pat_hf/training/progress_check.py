@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .errors import StudentUnchangedError
+from ..errors import StudentUnchangedError
 
 __all__ = ["StudentGradientCallback", "StudentUnchangedError", "parameter_fingerprint", "trainable_parameters"]
 

@@ -21,12 +21,12 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import get_token
 
-from .errors import HubPushError
-from .export import hub_files
-from .model_card import ModelCardInfo, render_model_card
+from ..errors import HubPushError
+from ..models.export import hub_files
+from ..models.model_card import ModelCardInfo, render_model_card
+from ..models.student import is_timm_model
+from ..version import __version__
 from .recipe import recipe_summary
-from .student import is_timm_model
-from .version import __version__
 
 __all__ = ["HubPushError", "HubPushMixin", "bound_hub_timeouts", "explain_network_error", "explain_push_error"]
 

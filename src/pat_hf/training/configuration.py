@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .methods import available_methods, get_method
+from ..methods import available_methods, get_method
 from .recipe import RecipeArguments
 
 __all__ = ["PATTrainingArguments"]
