@@ -21,7 +21,7 @@ on the same images. Bytes
 per sample: what leaves the loader per sample (image tensors, erasing boxes, the label), per pixel of the larger
 view (3 x H x W values).
 
-Device side: the cost of making both models' views from a uint8 batch (``pat_hf.augment.device_views``: resize,
+Device side: the cost of making both models' views from a uint8 batch (``pat_hf.data.device.device_views``: resize,
 normalisation, random erasing with its per-box fills) per batch, on the CPU (``--device-threads`` threads) and,
 when a GPU is present, on the GPU (batch ``--gpu-batch``, CUDA-synchronised).
 

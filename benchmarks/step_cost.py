@@ -17,7 +17,7 @@ aligners and the losses = their own forward + backward timed on the step's real 
 pass with its backward = the rest. `pat_checkpoint` recomputes the teacher's blocks in the backward
 (`--pat_checkpoint_teacher`: the prompted pass keeps only the blocks' inputs, for one more teacher forward).
 
-`--compile` compiles what `torch_compile=True` compiles (the methods' regions, pat_hf.compile; inductor unless
+`--compile` compiles what `torch_compile=True` compiles (the methods' regions, pat_hf.models.compile; inductor unless
 `--compile-backend` says otherwise); the warm-up steps include the compilation, so give at least 2 (PAT's first
 step has no feedback, the second compiles the pass with feedback). In that mode PAT's component timings run the
 compiled regions too (RAA + aligners and HCL as the step compiles them; the four prompt blocks as one compiled

@@ -155,7 +155,7 @@ class DataTrainingArguments:
 
 
 def augmentation_config(data_args: DataTrainingArguments) -> AugmentationConfig:
-    """The run's :class:`pat_hf.augment.AugmentationConfig` from the data arguments."""
+    """The run's :class:`pat_hf.data.augment.AugmentationConfig` from the data arguments."""
     fields = AugmentationConfig.__dataclass_fields__
     return AugmentationConfig(**{name: getattr(data_args, name) for name in fields})
 

@@ -1,4 +1,4 @@
-"""timm's training augmentation, drawn once per image for both models (pat_hf.augment)."""
+"""timm's training augmentation, drawn once per image for both models (pat_hf.data.augment)."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_one_config_object_passed_down_whole():
 
 
 def test_modules_depend_one_way():
-    """preprocessing (views) <- augment <- data: preprocessing imports no other pat_hf module."""
+    """views <- augment <- datasets: views imports no other pat_hf module (tests/test_layout.py checks the rest)."""
     import ast
     import inspect
 
@@ -210,8 +210,8 @@ def test_modules_depend_one_way():
         tree = ast.parse(inspect.getsource(module))
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
 
-    assert imported(pat_hf.preprocessing) == set()
-    assert imported(pat_hf.augment) == {"preprocessing"}
+    assert imported(pat_hf.data.views) == set()
+    assert imported(pat_hf.data.augment) == {"views"}
 
 
 def test_randaugment_changes_the_image():

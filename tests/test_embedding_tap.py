@@ -1,4 +1,4 @@
-"""The penultimate-embedding tap (pat_hf.taps.embedding): the classifier's input of timm and transformers models."""
+"""The penultimate-embedding tap (pat_hf.models.taps.embedding): the classifier's input of timm and transformers models."""
 
 from __future__ import annotations
 

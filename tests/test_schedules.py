@@ -1,4 +1,4 @@
-"""timm's learning-rate schedules on Trainer (pat_hf.schedules) and the optimizer's weight-decay groups."""
+"""timm's learning-rate schedules on Trainer (pat_hf.training.schedules) and the optimizer's weight-decay groups."""
 
 from __future__ import annotations
 

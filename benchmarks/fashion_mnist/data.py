@@ -114,7 +114,7 @@ class FashionTensors(torch.utils.data.Dataset):
 
 class AugmentingCollator:
     """The study's "strong" recipe per image: timm's RandAugment (and the flip) on the 28 px image zero-padded to
-    32 px, through :func:`pat_hf.augment.build_train_augmentation` with the crop switched off (scale and ratio 1:
+    32 px, through :func:`pat_hf.data.augment.build_train_augmentation` with the crop switched off (scale and ratio 1:
     the whole image, as the flips recipe), then normalised; evaluation batches go through the tensor collator
     unchanged. Mixup / CutMix and the EMA run in the trainer (``PATTrainingArguments``).
 

@@ -35,7 +35,7 @@ from .training.ema import ModelEmaCallback
 from .training.modeling import build_distillation_model
 from .training.trainer import PATDistillationTrainer
 
-_compat.install()  # the 0.2 module paths (pat_hf.trainer, ...) keep working for one release, with a warning
+_compat.install()  # the 0.2 module paths (pat_hf.training.trainer, ...) keep working for one release, with a warning
 
 __all__ = [
     "AugmentationConfig",

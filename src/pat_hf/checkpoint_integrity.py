@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 FILE_LIST_NAME = "checkpoint_files.json"
-# The run manifest of a checkpoint (written by pat_hf.checkpointing; its name is fixed since 0.1).
+# The run manifest of a checkpoint (written by pat_hf.training.checkpointing; its name is fixed since 0.1).
 MANIFEST_NAME = "distill_manifest.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What Trainer needs to resume, on top of the student's weights.

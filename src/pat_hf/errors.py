@@ -66,7 +66,7 @@ class HubPushError(HfHubHTTPError):
 
 class OutputDirError(ValueError):
     """An ``output_dir`` pat_hf will not write to: a model's source folder, the Hub cache, or a folder holding
-    files that no pat_hf run wrote (see :mod:`pat_hf.output_dir`)."""
+    files that no pat_hf run wrote (see :mod:`pat_hf.training.output_dir`)."""
 
 
 class RunLockedError(OutputDirError):

@@ -11,10 +11,10 @@ student's batch), only resized and normalised for the teacher. Every random oper
 2. on the device, the batch is scaled and normalised with the STUDENT's mean / std (timm's convention), the drawn
    boxes are erased (:func:`erase_batch`, the fill made from the drawn seed: as timm's ``PrefetchLoader`` does
    with ``RandomErasing(device=...)``), and each model's view is made from that one tensor
-   (:func:`pat_hf.preprocessing.convert_view`: resize to the model's size, antialiased when shrinking; the model's
+   (:func:`pat_hf.data.views.convert_view`: resize to the model's size, antialiased when shrinking; the model's
    normalisation). The erased box is the same region of the image in both views and its fill the same pixel
    values, expressed in each model's normalisation. Without erasing, each view is one op on the uint8 batch
-   (:func:`pat_hf.preprocessing.make_view`).
+   (:func:`pat_hf.data.views.make_view`).
 
 With per-sample seeding (:attr:`AugmentationConfig.per_sample_seed`, on by default) every draw of sample ``i`` in
 epoch ``e`` of a run with seed ``s`` comes from generators seeded with ``(s, e, i)`` alone, so the pixels do not
@@ -367,7 +367,7 @@ def build_image_transforms(
     Training: :func:`build_train_augmentation` (one augmented uint8 image at the larger of the two sizes).
     Evaluation: timm's evaluation geometry (shorter side to ``size / crop_pct``, centre crop) for the student, and
     with a teacher view for the teacher too (its own resize and crop of the image, for ``eval_loss_kd``), each as
-    uint8 (:func:`pat_hf.preprocessing.build_eval_transform`).
+    uint8 (:func:`pat_hf.data.views.build_eval_transform`).
 
     Args:
         student_view: The student's view.

@@ -98,7 +98,7 @@ def check_not_empty(dataset: Any, what: str = "dataset") -> None:
 def prepared_info(dataset: Any) -> dict[str, Any] | None:
     """What :func:`with_image_transforms` recorded on ``dataset`` (kept through ``select``, ``shuffle`` and
     splits): ``student_view``, ``teacher_view``, ``train``, ``image_column``, ``label_column``,
-    ``class_names``, ``augmentation`` (the :class:`~pat_hf.augment.AugmentationConfig` of training data, else
+    ``class_names``, ``augmentation`` (the :class:`~pat_hf.data.augment.AugmentationConfig` of training data, else
     None); None for data prepared otherwise."""
     fmt = getattr(dataset, "format", None)
     transform = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
@@ -170,7 +170,7 @@ def with_image_transforms(
 
     Training: timm's ``create_transform`` augmentation with the settings of ``augmentation``, every random draw
     (crop, flip, RandAugment, colour jitter, random-erasing box and fill) made once per image at the larger of the
-    two views' sizes (see :mod:`pat_hf.augment`); the sample is that one uint8 (3, H, W) image (plus the drawn
+    two views' sizes (see :mod:`pat_hf.data.augment`); the sample is that one uint8 (3, H, W) image (plus the drawn
     erasing boxes, ``erase``, when random erasing is on). The trainer makes each model's view from it on the
     device (resize, normalisation, erasing), before Mixup / CutMix (``mixup_alpha`` / ``cutmix_alpha`` in
     :class:`~pat_hf.PATTrainingArguments`). Evaluation: the student's resize + centre crop, as uint8, and with a
@@ -182,21 +182,21 @@ def with_image_transforms(
 
     Args:
         dataset: A `datasets.Dataset` or ``IterableDataset`` (streaming) with an image column and a label column.
-            Images may be PIL images of any mode (:func:`pat_hf.images.to_rgb`), arrays, file paths or bytes
-            (:mod:`pat_hf.dataset_shapes`).
+            Images may be PIL images of any mode (:func:`pat_hf.data.images.to_rgb`), arrays, file paths or bytes
+            (:mod:`pat_hf.data.dataset_shapes`).
         student_view: The student's view (``trainer``-independent: see :meth:`ImageView.from_timm`).
         teacher_view: The teacher's view; None without a teacher. In training only its size counts (the image
             is made at the larger size); in evaluation it adds the teacher's own view of each image.
         train: Augment (training) or resize + centre-crop (evaluation).
         image_column: Name of the image column.
         label_column: Name of the label column (None for unlabelled data).
-        augmentation: The training augmentation's settings (:class:`pat_hf.augment.AugmentationConfig`); None:
+        augmentation: The training augmentation's settings (:class:`pat_hf.data.augment.AugmentationConfig`); None:
             built from ``augmentation_options``.
         class_names: Class names in output order: string labels are mapped to their index by name (case, spaces,
             ``_`` and ``-`` ignored). The trainer sets them for string labels when they are not given.
         **augmentation_options: The former keyword arguments (``min_crop_scale``, ``hflip``, ``crop_ratio``,
             ``train_interpolation``, ``auto_augment``, ``color_jitter``, ``re_prob``, ``re_mode``, ``re_count``,
-            ``per_sample_seed``): the fields of the :class:`~pat_hf.augment.AugmentationConfig` built when
+            ``per_sample_seed``): the fields of the :class:`~pat_hf.data.augment.AugmentationConfig` built when
             ``augmentation`` is None.
 
     Returns:
@@ -297,9 +297,9 @@ class PerSampleSeededDataset(torch.utils.data.Dataset):
     """A training dataset prepared by :func:`with_image_transforms` whose random draws are seeded per sample.
 
     Sample ``i`` of epoch ``e`` is augmented with generators seeded from ``(run_seed, e, i)``
-    (:func:`pat_hf.augment.sample_seed`), so its pixels are the same whichever data-loader worker (or process, or
+    (:func:`pat_hf.data.augment.sample_seed`), so its pixels are the same whichever data-loader worker (or process, or
     resumed run) makes them. The trainer wraps its training data in it when the data's
-    :class:`~pat_hf.augment.AugmentationConfig` has ``per_sample_seed`` (the default) and sets the epoch at
+    :class:`~pat_hf.data.augment.AugmentationConfig` has ``per_sample_seed`` (the default) and sets the epoch at
     the start of each epoch (:meth:`set_epoch`). The epoch lives in shared memory, so persistent data-loader
     workers see it too.
 

@@ -51,10 +51,10 @@ def device_views(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The student's and the teacher's views of one uint8 batch, made on its device (one batched op per model).
 
-    Without erasing boxes each view is :func:`pat_hf.preprocessing.make_view` of the batch (resize where the
+    Without erasing boxes each view is :func:`pat_hf.data.views.make_view` of the batch (resize where the
     sizes differ, antialiased when shrinking; the model's normalisation). With them, the batch is normalised for
     the student at its own size, erased there (:func:`erase_batch`), then converted to each view
-    (:func:`pat_hf.preprocessing.convert_view`), so the box and its fill are the same in both views: what timm's
+    (:func:`pat_hf.data.views.convert_view`), so the box and its fill are the same in both views: what timm's
     transform followed by the former per-image conversion computed on the CPU.
 
     Args:

@@ -1,12 +1,12 @@
 """Per-model image views: input size, normalisation, and the ops that make a model's view on the device.
 
 Teacher and student often expect different resolutions and normalisations. The data loader hands over ONE uint8
-image per sample (:mod:`pat_hf.augment` makes it on the CPU); each model's view is made from it on the device, in
+image per sample (:mod:`pat_hf.data.augment` makes it on the CPU); each model's view is made from it on the device, in
 one batched op per model (:func:`make_view`: resize where the sizes differ, antialiased when shrinking, then the
 model's normalisation). :func:`convert_view` re-expresses an already normalised float batch in another view (for
 datasets that hand over float ``pixel_values`` they built themselves).
 
-This module depends on no other pat_hf module: :mod:`pat_hf.augment` and :mod:`pat_hf.data` build on it.
+This module depends on no other pat_hf module: :mod:`pat_hf.data.augment` and :mod:`pat_hf.data` build on it.
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ class DistillationMethod(nn.Module):
     def compile_regions(self, options: dict[str, Any] | None) -> None:
         """From now on :meth:`region` compiles with ``torch.compile(**options)`` (None: everything eager again).
 
-        Called by the trainer for ``torch_compile`` (see :mod:`pat_hf.compile`). A method compiles the pieces its
+        Called by the trainer for ``torch_compile`` (see :mod:`pat_hf.models.compile`). A method compiles the pieces its
         step calls through :meth:`region`; whatever it calls directly stays eager.
         """
         self._compile_options = dict(options) if options else None

@@ -28,7 +28,7 @@ class Features:
     Args:
         logits: (B, K) logits (the teacher's in dataset class order).
         embedding: (B, D) penultimate embedding, the classifier's input (with ``"embedding"`` in ``reads``).
-        stages: The model's stage features (1-4, as many as it has) in canonical layout (:class:`~pat_hf.taps.StageSpec`: maps (B, C, H, W),
+        stages: The model's stage features (1-4, as many as it has) in canonical layout (:class:`~pat_hf.models.taps.StageSpec`: maps (B, C, H, W),
             tokens (B, P + H·W, C)), with ``"stages"`` in ``reads``.
     """
 

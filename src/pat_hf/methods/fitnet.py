@@ -2,7 +2,7 @@
 
 A learned connector maps the student's stage feature to the shape of a teacher stage feature (the hint), and
 the student learns to reproduce it under a mean squared error, next to the usual cross-entropy and KD terms.
-Stage features are read with the stage taps (:func:`pat_hf.taps.build_taps`); every layout is handled as a map
+Stage features are read with the stage taps (:func:`pat_hf.models.taps.build_taps`); every layout is handled as a map
 (tokens: their patch grid, prefix tokens dropped), so one connector design covers CNN, ViT, Swin and MLP
 students and teachers, as the heterogeneous FitNet of the OFA-KD benchmark does:
 

@@ -1,7 +1,7 @@
 """Export of the distilled student: timm's Hub layout (or ``save_pretrained`` for a transformers student).
 
 The export is a plain timm model (``config.json`` + ``model.safetensors``, plus ``README.md`` from
-:mod:`pat_hf.model_card`) that loads without pat_hf through ``timm.create_model("hf-hub:..." or
+:mod:`pat_hf.models.model_card`) that loads without pat_hf through ``timm.create_model("hf-hub:..." or
 "local-dir:...", pretrained=True)``, ``AutoModelForImageClassification.from_pretrained`` (TimmWrapper) and
 ``pipeline("image-classification")``. Heads, prompts, feedback buffers and the teacher never enter it.
 :func:`load_student_weights` reads such an export (or a checkpoint's student) back into a model.

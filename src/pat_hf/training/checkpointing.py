@@ -13,7 +13,7 @@ transformers upgrade is checked in this one file.
 - ``_save`` exports the student alone (``save_model()``, written to a staging folder, then moved in place; the
   model EMA's weights when ``export_weights`` selects them), checkpoints add the method state, the model EMA
   (``ema.safetensors``) and the manifest;
-- the output folder is claimed before training (:mod:`pat_hf.output_dir`: source folders refused, foreign
+- the output folder is claimed before training (:mod:`pat_hf.training.output_dir`: source folders refused, foreign
   files refused, one run at a time, the run marker).
 """
 
@@ -125,7 +125,7 @@ class CheckpointMixin:
 
     def _claim_output_dir(self, output_dir: str) -> None:
         """Refuses a source folder, foreign files, or the marker of another run, then writes this run's marker
-        (main process). See :mod:`pat_hf.output_dir`."""
+        (main process). See :mod:`pat_hf.training.output_dir`."""
         overwrite = self.args.overwrite_output_dir
         check_output_dir(output_dir, protected=self._protected_dirs, overwrite=overwrite)
         current = self._current_manifest()

@@ -18,7 +18,7 @@ class PATTrainingArguments(RecipeArguments, TrainingArguments):
     """Training arguments for :class:`~pat_hf.PATDistillationTrainer`.
 
     Every field of ``transformers.TrainingArguments`` is available, plus the recipe fields of
-    :class:`~pat_hf.recipe.RecipeArguments` (Mixup / CutMix, model EMA, timm schedules); the fields below configure
+    :class:`~pat_hf.training.recipe.RecipeArguments` (Mixup / CutMix, model EMA, timm schedules); the fields below configure
     distillation. ``None`` for ``temperature`` and ``label_smoothing`` means the method's default (``kd``, ``dkd``:
     T = 4, no smoothing; ``dist``, ``fitnet``: T = 1, no smoothing; ``ofa``, ``pat``: T = 1, smoothing 0.1).
     ``remove_unused_columns`` defaults to False because pat_hf

@@ -3,7 +3,7 @@ explanation of refused pushes (:func:`explain_push_error`).
 
 Trainer uploads all of output_dir but checkpoints (training_args.bin, logs, results, a processor saved there); a
 pat_hf repo's root holds the student export alone, so each upload reads a snapshot of hard links to
-:func:`pat_hf.export.hub_files` only. Checkpoints (``hub_strategy="checkpoint"`` / ``"all_checkpoints"``) go to a
+:func:`pat_hf.models.export.hub_files` only. Checkpoints (``hub_strategy="checkpoint"`` / ``"all_checkpoints"``) go to a
 subfolder, as in Trainer, so that they can be downloaded and resumed. Snapshots also keep background uploads
 consistent while checkpoints are renamed from their staging folder, rotated away, or written next to them.
 """

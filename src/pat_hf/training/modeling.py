@@ -99,7 +99,7 @@ class DistillationModel(nn.Module):
             teacher_pixel_values: Teacher inputs made from the same images (uint8 or normalised float); derived
                 from ``pixel_values`` on the device when absent.
             erase: Random-erasing boxes drawn for uint8 ``pixel_values``, a NumPy array or a tensor (see
-                :func:`pat_hf.augment.erase_batch`).
+                :func:`pat_hf.data.device.erase_batch`).
 
         Returns:
             ``{"loss", "logits", "loss_parts"}``; ``loss_parts`` maps component names to unweighted values.
@@ -184,7 +184,7 @@ class DistillationModel(nn.Module):
 
     def compile_regions(self, options: dict[str, Any] | None) -> None:
         """``torch.compile`` the method's regions (student and teacher passes, heads, losses) with ``options``;
-        None: back to eager. What ``torch_compile=True`` does (see :mod:`pat_hf.compile`)."""
+        None: back to eager. What ``torch_compile=True`` does (see :mod:`pat_hf.models.compile`)."""
         self.method.compile_regions(options)
 
 
@@ -258,7 +258,7 @@ def build_distillation_model(
         processing_class: The image processor of a transformers student.
         data_views: The views the data was prepared with (``student``, ``eval_student``, ``teacher``; see
             :func:`pat_hf.data.prepared_views`): the teacher's is checked or adopted, the student's recorded in
-            its ``pretrained_cfg`` (see :func:`pat_hf.student.reconcile_student_view`).
+            its ``pretrained_cfg`` (see :func:`pat_hf.models.student.reconcile_student_view`).
 
     Returns:
         The :class:`DistillationModel` (student + method), with ``teacher``, ``class_names`` and

@@ -1,14 +1,14 @@
 """:class:`RecipeMixin`: the trainer side of the training recipe (mixed into
 :class:`~pat_hf.PATDistillationTrainer` before ``Trainer``).
 
-- Mixup / CutMix: :meth:`RecipeMixin.mix_batch` runs timm's ``Mixup`` (:class:`pat_hf.mixup.PairedMixup`) on the
+- Mixup / CutMix: :meth:`RecipeMixin.mix_batch` runs timm's ``Mixup`` (:class:`pat_hf.data.mixup.PairedMixup`) on the
   device, on the student's and the teacher's batch, right before the wrapper's forward in ``compute_loss``; only
   in training (evaluation never mixes). The methods receive the soft targets as ``batch.labels``.
-- Model EMA: adds a :class:`pat_hf.ema.ModelEmaCallback` when ``model_ema`` is on, evaluates the EMA beside the
+- Model EMA: adds a :class:`pat_hf.training.ema.ModelEmaCallback` when ``model_ema`` is on, evaluates the EMA beside the
   raw student (``eval_ema_*`` metrics) and chooses the exported weights (``export_weights``). Checkpoints of the
-  EMA are :class:`pat_hf.checkpointing.CheckpointMixin`'s.
+  EMA are :class:`pat_hf.training.checkpointing.CheckpointMixin`'s.
 - timm learning-rate schedules (``lr_schedule``): :meth:`RecipeMixin.create_scheduler` builds them with Trainer's
-  number of optimizer steps per epoch (:mod:`pat_hf.schedules`).
+  number of optimizer steps per epoch (:mod:`pat_hf.training.schedules`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class RecipeMixin:
         return values
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """timm's ``lr_schedule`` when set (see :mod:`pat_hf.schedules`), else Trainer's ``lr_scheduler_type``."""
+        """timm's ``lr_schedule`` when set (see :mod:`pat_hf.training.schedules`), else Trainer's ``lr_scheduler_type``."""
         if getattr(self.args, "lr_schedule", None) is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
         steps_per_epoch = self._steps_per_epoch

@@ -1,10 +1,10 @@
 """``PATDistillationTrainer``: transformers' Trainer for distilling an image classifier into a timm student.
 
 This file keeps the training loop's own concerns: the loss and the logging of its parts, the decay groups, the
-evaluation loop and the buffer sync. Construction is :func:`pat_hf.modeling.build_distillation_model`;
-checkpoints (every override of a private Trainer method) are :class:`pat_hf.checkpointing.CheckpointMixin`;
-the model card and Hub push are :class:`pat_hf.hub_push.HubPushMixin`; Mixup / CutMix, model EMA and timm schedules
-are :class:`pat_hf.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :class:`pat_hf.compile.CompileMixin`.
+evaluation loop and the buffer sync. Construction is :func:`pat_hf.training.modeling.build_distillation_model`;
+checkpoints (every override of a private Trainer method) are :class:`pat_hf.training.checkpointing.CheckpointMixin`;
+the model card and Hub push are :class:`pat_hf.training.hub_push.HubPushMixin`; Mixup / CutMix, model EMA and timm schedules
+are :class:`pat_hf.training.recipe_mixin.RecipeMixin`; ``torch_compile`` by regions is :class:`pat_hf.models.compile.CompileMixin`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
         )
         # The loss is a per-batch mean: Trainer must divide it by the accumulation steps (see DistillationModel).
         self.loss_is_scaled_for_ga = False
-        # torch_compile: the methods compile their regions; Accelerate compiles nothing (pat_hf.compile).
+        # torch_compile: the methods compile their regions; Accelerate compiles nothing (pat_hf.models.compile).
         self._compile_regions()
         if self.teacher is not None:
             # The teacher always runs inside the prepared wrapper's forward, so it inherits its autocast; it only
@@ -233,7 +233,7 @@ class PATDistillationTrainer(CompileMixin, HubPushMixin, CheckpointMixin, Recipe
 
     @property
     def augmentation(self) -> Any:
-        """The training data's :class:`~pat_hf.augment.AugmentationConfig` (None for data not prepared by
+        """The training data's :class:`~pat_hf.data.augment.AugmentationConfig` (None for data not prepared by
         :func:`pat_hf.with_image_transforms`)."""
         return (prepared_info(self.train_dataset) or {}).get("augmentation")
 

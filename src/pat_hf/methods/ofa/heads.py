@@ -245,7 +245,7 @@ _TOKEN_FAMILIES = frozenset(
 
 
 def is_convolutional_family(family: str) -> bool:
-    """Whether a :attr:`pat_hf.taps.StageTaps.family` is a CNN (its map features get conv heads).
+    """Whether a :attr:`pat_hf.models.taps.StageTaps.family` is a CNN (its map features get conv heads).
 
     A timm Swin returns maps from its stages, but they are transformer tokens on a grid: token heads, as OFA
     gives its Swin students.

@@ -35,7 +35,7 @@ class OFADistillation(DistillationMethod):
     """OFA-KD: ``w_ce·CE(z_s, y) + w_kd·OFA(z_s, z_t; ε_final) + w_ofa·Σ_s OFA(head_s(F_s), z_t; ε_s)``.
 
     One branch head per stage in ``args.ofa_stages``; see the module docstring for their structure. The student's
-    stage features are read by forward hooks (:func:`pat_hf.taps.build_taps`) during the single student forward
+    stage features are read by forward hooks (:func:`pat_hf.models.taps.build_taps`) during the single student forward
     of a training step; evaluation uses the student alone.
 
     Args:

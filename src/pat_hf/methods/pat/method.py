@@ -327,7 +327,7 @@ class PerspectiveAwareTeaching(DistillationMethod):
         return f"prompt_stages={self.prompt_stages}, feedback={self.use_feedback}, checkpoint_teacher={self.checkpoint_teacher}"
 
 
-# ---- regions (compiled when the method compiles; see pat_hf.compile) ------------------------------------------
+# ---- regions (compiled when the method compiles; see pat_hf.models.compile) ------------------------------------------
 
 
 def _prompted_teacher_region(teacher: Teacher, pixel_values: torch.Tensor) -> torch.Tensor:

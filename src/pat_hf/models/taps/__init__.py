@@ -35,5 +35,5 @@ __all__ = [
 ]
 __all__ += ["EmbeddingTap", "build_embedding_tap", "find_classifier"]  # the penultimate-embedding tap
 
-# The private names imported above ``as`` themselves stay importable from ``pat_hf.taps`` as before the split
+# The private names imported above ``as`` themselves stay importable from ``pat_hf.models.taps`` as before the split
 # (tests import ``_group_ranges``), outside ``__all__``.

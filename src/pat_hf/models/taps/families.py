@@ -225,7 +225,7 @@ def _children(container: nn.Module) -> list[nn.Module]:
 
 
 def _block_modules(model: nn.Module, family: str) -> list[nn.Module]:
-    """The model's residual blocks in forward order: the units :class:`pat_hf.recompute.BlockRecompute` can
+    """The model's residual blocks in forward order: the units :class:`pat_hf.models.recompute.BlockRecompute` can
     recompute in the backward instead of keeping their activations (none known for generic sites)."""
     if family.endswith("_generic"):
         return []
