@@ -56,7 +56,8 @@ def _cell(row: dict[str, Any]) -> str:
 
 
 def render_study_table(results: dict[str, Any]) -> str:
-    """Test top-1 (%) per pair and method, mean ± std over seeds, the best mean of each pair in bold."""
+    """Test top-1 (%) per pair and method, mean ± std over seeds, the best mean of each pair in bold, rows carried
+    from an earlier study (no run files) marked ‡."""
     rows = {(r["pair"], r["variant"]): r for r in results["rows"]}
     pairs = list(dict.fromkeys(r["pair"] for r in results["rows"]))
     columns = [(v, h) for v, h in STUDY_COLUMNS if any((p, v) in rows for p in pairs)]
@@ -71,7 +72,9 @@ def render_study_table(results: dict[str, Any]) -> str:
                 cells.append("–")
                 continue
             text = _cell(row)
-            cells.append(f"**{text}**" if row["test_mean"] == best else text)
+            text = f"**{text}**" if row["test_mean"] == best else text
+            # ‡: carried from an earlier study whose run files were not kept (docs/results.md says which).
+            cells.append(text + " ‡" if row.get("source", "").startswith("carried") else text)
         lines.append(f"| {PAIR_NAMES.get(pair, pair)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

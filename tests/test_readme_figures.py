@@ -46,13 +46,13 @@ def test_the_study_table_bolds_each_pair_s_best_mean_and_marks_missing_cells():
         "rows": [
             {"pair": "p", "variant": "none", "test_mean": 0.5, "test_std": 0.01, "n": 3},
             {"pair": "p", "variant": "kd", "test_mean": 0.6, "test_std": 0.02, "n": 3},
-            {"pair": "q", "variant": "none", "test_mean": 0.7, "test_std": 0.0, "n": 1},
+            {"pair": "q", "variant": "none", "test_mean": 0.7, "test_std": 0.0, "n": 1, "source": "carried: 0.2"},
         ]
     }
     table = readme_figures.render_study_table(results).splitlines()
     assert table[0] == "| pair | scratch | kd (T = 4) |"
     assert table[2] == "| p | 50.00 ± 1.00 | **60.00 ± 2.00** |"
-    assert table[3] == "| q | **70.00** | – |"
+    assert table[3] == "| q | **70.00** ‡ | – |"
 
 
 def test_a_stale_readme_is_reported(tmp_path, monkeypatch):

@@ -69,6 +69,15 @@ def carried_rows(json_path: str, rows: dict[tuple[str, str], dict[str, Any]]) ->
     return carried
 
 
+def carried_teachers(json_path: str) -> dict[str, dict[str, Any]]:
+    """The teachers the carried rows were trained with (an earlier ``results.json``'s)."""
+    if not os.path.isfile(json_path):
+        return {}
+    with open(json_path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    return earlier.get("carried_teachers") or earlier.get("teachers", {})
+
+
 def write_results_json(
     path: str,
     teachers: dict[str, dict[str, Any]],
@@ -93,6 +102,8 @@ def write_results_json(
         },
         "rows": [],
     }
+    if any(row.get("carried") for row in rows.values()):
+        payload["carried_teachers"] = carried_teachers(path)
     for pair in pairs:
         for variant in variants:
             row = rows.get((pair, variant))
@@ -311,8 +322,15 @@ def write_report(
                 "‡ Carried from an earlier run of this study whose per-run JSON files were not kept: "
                 + "; ".join(sorted({row["carried"] for row in carried.values()}))
                 + ". Those rows come from its report and are not recomputed; their details (settings, loss "
-                "curves, per-run times) are on that page. The same teachers (same recipe, seed and code, "
-                "retrained here: see the teacher rows) and subset.",
+                "curves, per-run times) are on that page. Same subset, recipes and seeds, but not the same "
+                "teachers: "
+                + ", ".join(
+                    f"{name} {100 * t['test_top1']:.2f}%" for name, t in sorted(carried_teachers(json_path).items())
+                )
+                + " test top-1 there, retrained here with the same recipe and seed to the teacher rows above (the "
+                "pat_hf, transformers and timm versions differ, and so do the draws). A ‡ row and a row of this "
+                "page are therefore not a like-for-like comparison; rows of this page are (scratch and dist were "
+                "rerun for that).",
                 "",
             ]
             if carried
@@ -332,7 +350,11 @@ def write_report(
         comparisons = [(m, "none") for m in METHODS if m != "none"]
         comparisons += [("pat", m) for m in METHODS if m not in ("none", "pat")]
         comparisons += [(a, "pat") for a in ABLATIONS]
-        for a, b in comparisons:
+        comparisons += [("rsd", m) for m in METHODS if m not in ("none", "rsd", "pat")]
+        for a, b in dict.fromkeys(comparisons):
+            ra, rb = rows.get((pair, a)), rows.get((pair, b))
+            if ra is not None and rb is not None and bool(ra.get("carried")) != bool(rb.get("carried")):
+                continue  # a carried row (another teacher and code version) against a row of this page
             sentence = _compare(rows, pair, a, b)
             if sentence:
                 lines.append(f"- {sentence}")
