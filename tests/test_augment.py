@@ -14,10 +14,10 @@ from pat_hf.data.augment import (
     AugmentationConfig,
     build_image_transforms,
     build_train_augmentation,
-    device_views,
     sample_seed,
 )
 from pat_hf.data.datasets import PerSampleSeededDataset, collate_images
+from pat_hf.data.device import device_views
 from pat_hf.data.views import ImageView, convert_view
 from support.tiny import make_image_dataset
 
